@@ -1,0 +1,152 @@
+"""The math of a sync: average tensors over the workers in bounded buckets, and the SlowMo outer step.
+
+Plain functions on tensors and a ``torch.distributed`` process group; nothing here knows DeepSpeed.
+Averaging one tensor at a time means hundreds of small collectives; flattening everything at once
+costs a full extra copy of the model. ``average_`` packs tensors of one dtype into buckets of at most
+``bucket_bytes`` (one collective per bucket) and reduces any tensor larger than that in place, so the
+extra memory of a sync is one bucket, whatever the model size::
+
+    sent = average_(list(model.parameters()), world_size=dist.get_world_size(), bucket_bytes=25 << 20)
+
+SlowMo (Wang et al. 2020, "SlowMo: Improving communication-efficient distributed SGD with slow momentum"),
+with x0 the weights after the previous sync and x_avg the fresh average::
+
+    u = beta * u + (x0 - x_avg) / lr;   x = x0 - alpha * lr * u
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _buckets(tensors: Sequence[torch.Tensor], bucket_numel: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype tensors holding at most ``bucket_numel`` elements (big ones alone)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        filled = 0
+        for t in group:
+            if t.numel() >= bucket_numel:
+                yield [t]
+                continue
+            if filled + t.numel() > bucket_numel:
+                yield bucket
+                bucket, filled = [], 0
+            bucket.append(t)
+            filled += t.numel()
+        if bucket:
+            yield bucket
+
+
+def _mean_(t: torch.Tensor, world_size: int) -> None:
+    """Turn a summed tensor into the mean; integer tensors stay integers (floor of the mean)."""
+    if t.is_floating_point() or t.is_complex():
+        t.div_(world_size)
+    else:
+        t.copy_(torch.div(t, world_size, rounding_mode="floor"))
+
+
+def _bucketed_(
+    tensors: Sequence[torch.Tensor],
+    collective: Callable[[torch.Tensor], None],
+    *,
+    bucket_bytes: int,
+    scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] | None,
+) -> int:
+    """Run ``collective`` (in place on one contiguous tensor) over ``tensors`` in bounded buckets."""
+    if not tensors:
+        return 0
+    scratch = {} if scratch is None else scratch
+    sent = 0
+    for bucket in _buckets(tensors, max(1, bucket_bytes // max(t.element_size() for t in tensors))):
+        first = bucket[0]
+        if len(bucket) == 1 and first.is_contiguous():
+            # A large (or lone) tensor: work on it where it lives; no copy at all.
+            collective(first)
+            sent += first.numel() * first.element_size()
+            continue
+        numel = sum(t.numel() for t in bucket)
+        key = (first.dtype, first.device)
+        buf = scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            size = max(numel, bucket_bytes // first.element_size())
+            buf = scratch[key] = torch.empty(size, dtype=first.dtype, device=first.device)
+        flat = buf[:numel]
+        offset = 0
+        for t in bucket:  # view(t.shape) copies in logical order, so channels_last tensors work too
+            flat[offset : offset + t.numel()].view(t.shape).copy_(t)
+            offset += t.numel()
+        collective(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        sent += numel * first.element_size()
+    return sent
+
+
+def average_(
+    tensors: Sequence[torch.Tensor],
+    *,
+    world_size: int,
+    bucket_bytes: int,
+    group: dist.ProcessGroup | None = None,
+    scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] | None = None,
+) -> int:
+    """Replace every tensor by its mean over ``group``, in place. Returns the bytes this rank reduced.
+
+    Integer tensors (``num_batches_tracked``) are summed as integers and floor-divided, never averaged as
+    floats. ``scratch`` caches one bucket buffer per (dtype, device) across calls.
+    """
+    if world_size == 1:
+        return 0
+
+    def mean_(t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=group)
+        _mean_(t, world_size)
+
+    return _bucketed_(tensors, mean_, bucket_bytes=bucket_bytes, scratch=scratch)
+
+
+def broadcast_(
+    tensors: Sequence[torch.Tensor],
+    *,
+    bucket_bytes: int,
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+    scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] | None = None,
+) -> int:
+    """Overwrite every tensor with rank ``src``'s copy, in bounded buckets. Returns the bytes moved."""
+    return _bucketed_(
+        tensors, lambda t: dist.broadcast(t, src=src, group=group), bucket_bytes=bucket_bytes, scratch=scratch
+    )
+
+
+@torch.no_grad()
+def slowmo_step_(
+    params: Iterable[torch.Tensor],
+    anchors: Iterable[torch.Tensor],
+    momenta: Iterable[torch.Tensor],
+    *,
+    lr: float,
+    beta: float,
+    alpha: float,
+) -> None:
+    """SlowMo outer step, in place. ``params`` hold the fresh average x_avg on entry and the new x on exit;
+    ``anchors`` (x0, fp32) become the new x; ``momenta`` (u, fp32) are updated.
+
+    With ``lr == 0`` (for example the very first warmup step) no displacement can be expressed in units
+    of ``lr``: the step is plain averaging and ``u`` is left unchanged.
+    """
+    for p, x0, u in zip(params, anchors, momenta, strict=True):
+        if lr > 0:
+            u.mul_(beta).add_(x0 - p.float(), alpha=1.0 / lr)
+            x0.add_(u, alpha=-alpha * lr)
+        else:
+            x0.copy_(p)
+        p.copy_(x0)

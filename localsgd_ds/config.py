@@ -1,0 +1,220 @@
+"""The ``local_sgd`` block of a DeepSpeed JSON, parsed once into frozen dataclasses.
+
+The block sits beside DeepSpeed's own keys (DeepSpeed accepts and ignores an unknown top-level block)::
+
+    "local_sgd": {"H": 8, "K": "auto", "T": 30, "buffers": "average", "momentum": "local",
+                  "slowmo": {"beta": 0.5, "alpha": 1.0}}
+
+``LocalSGDConfig.from_dict(block)`` validates every key and names the bad key and value in its error;
+``check_deepspeed_settings(ds_config)`` refuses the DeepSpeed settings under which no independent local
+model exists (ZeRO, DeepSpeed's bf16 optimizer). Nothing here imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BUFFER_POLICIES = ("average", "broadcast", "local")
+MOMENTUM_POLICIES = ("local", "average", "reset")
+
+
+class ConfigError(ValueError):
+    """A bad ``local_sgd`` block or a DeepSpeed setting the hook cannot run correctly."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_keys(block: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(block) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {list(known)}")
+
+
+@dataclass(frozen=True)
+class SlowMoConfig:
+    """Slow momentum outer step at each sync (Wang et al. 2020, "SlowMo").
+
+    ``u = beta * u + (x0 - x_avg) / lr;  x = x0 - alpha * lr * u``. ``beta = 0, alpha = 1`` is plain averaging.
+    """
+
+    beta: float = 0.0
+    """Slow momentum coefficient, 0 <= beta < 1 (the study tried 0, 0.2, 0.5, 0.7)."""
+    alpha: float = 1.0
+    """Slow learning rate, > 0 (1.0 in the study)."""
+
+    KEYS = ("beta", "alpha")
+
+    @classmethod
+    def from_dict(cls, block: Any) -> SlowMoConfig:
+        if not isinstance(block, Mapping):
+            raise ConfigError(
+                f"local_sgd.slowmo must be null or an object with keys {list(cls.KEYS)}, got {block!r}"
+            )
+        _check_keys(block, cls.KEYS, "local_sgd.slowmo")
+        beta = block.get("beta", 0.0)
+        alpha = block.get("alpha", 1.0)
+        if not _is_number(beta) or not 0.0 <= beta < 1.0:
+            raise ConfigError(f"local_sgd.slowmo.beta must be a number in [0, 1), got {beta!r}")
+        if not _is_number(alpha) or alpha <= 0.0:
+            raise ConfigError(f"local_sgd.slowmo.alpha must be a number > 0, got {alpha!r}")
+        return cls(beta=float(beta), alpha=float(alpha))
+
+
+@dataclass(frozen=True)
+class LocalSGDConfig:
+    """What the hook does, read from the ``local_sgd`` block. Defaults are the reference code's."""
+
+    H: int = 1
+    """Local steps between two averagings (``sync_every``). Counts optimizer steps, never micro-batches."""
+    K: int | str = "auto"
+    """Number of workers; must equal the data-parallel world size. ``"auto"`` takes the world size."""
+    T: int | None = None
+    """Epoch of the switch from mSGD to local SGD. 0: local SGD from the start; null: never (plain mSGD)."""
+    buffers: str = "average"
+    """BatchNorm statistics at a sync: "average" (integer buffers averaged in integer arithmetic),
+    "broadcast" (rank 0's), or "local" (left alone)."""
+    momentum: str = "local"
+    """Optimizer state at a sync: "local" (as in the post-local SGD and SlowMo reference code),
+    "average", or "reset" (zeroed)."""
+    slowmo: SlowMoConfig | None = None
+    """Slow momentum outer step at each sync; null for plain averaging."""
+    bucket_mb: float = 25.0
+    """Size bound of one averaging collective, in MiB: tensors are packed into buckets of at most this
+    size (one collective per bucket); tensors larger than the bound are reduced in place."""
+
+    KEYS = ("H", "K", "T", "buffers", "momentum", "slowmo", "bucket_mb")
+
+    @classmethod
+    def from_dict(cls, block: Any, *, world_size: int | None = None) -> LocalSGDConfig:
+        """Validate ``block`` (the ``local_sgd`` object); with ``world_size``, resolve and check ``K``."""
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"local_sgd must be a JSON object, got {type(block).__name__}: {block!r}")
+        _check_keys(block, cls.KEYS, "local_sgd")
+
+        H = block.get("H", 1)
+        if not _is_int(H) or H < 1:
+            raise ConfigError(f"local_sgd.H must be an integer >= 1, got {H!r}")
+
+        K = block.get("K", "auto")
+        if K != "auto" and (not _is_int(K) or K < 1):
+            raise ConfigError(f'local_sgd.K must be an integer >= 1 or "auto", got {K!r}')
+        if world_size is not None:
+            if K == "auto":
+                K = world_size
+            elif K != world_size:
+                raise ConfigError(
+                    f"local_sgd.K = {K} but the data-parallel world size is {world_size}: "
+                    f'launch {K} workers or set K to {world_size} (or "auto")'
+                )
+
+        if "T" not in block and H > 1:
+            raise ConfigError(
+                f"local_sgd.H = {H} but local_sgd.T is missing: set T = 0 for local SGD from the start, "
+                "T = <epoch> for post-local SGD, or T = null for plain mSGD"
+            )
+        T = block.get("T")
+        if T is not None and (not _is_int(T) or T < 0):
+            raise ConfigError(f"local_sgd.T must be an integer number of epochs >= 0 or null, got {T!r}")
+
+        buffers = block.get("buffers", "average")
+        if buffers not in BUFFER_POLICIES:
+            raise ConfigError(f"local_sgd.buffers must be one of {list(BUFFER_POLICIES)}, got {buffers!r}")
+        momentum = block.get("momentum", "local")
+        if momentum not in MOMENTUM_POLICIES:
+            raise ConfigError(
+                f"local_sgd.momentum must be one of {list(MOMENTUM_POLICIES)}, got {momentum!r}"
+            )
+
+        slowmo_block = block.get("slowmo")
+        slowmo = None if slowmo_block is None else SlowMoConfig.from_dict(slowmo_block)
+
+        bucket_mb = block.get("bucket_mb", 25.0)
+        if not _is_number(bucket_mb) or bucket_mb <= 0:
+            raise ConfigError(f"local_sgd.bucket_mb must be a number > 0, got {bucket_mb!r}")
+
+        return cls(
+            H=H, K=K, T=T, buffers=buffers, momentum=momentum, slowmo=slowmo, bucket_mb=float(bucket_mb)
+        )
+
+    @property
+    def uses_local_phase(self) -> bool:
+        """True when the run ever leaves mSGD."""
+        return self.T is not None
+
+    def switch_step(self, steps_per_epoch: int) -> int | None:
+        """Global optimizer step of the first local step (``T x steps_per_epoch``), None for never."""
+        return None if self.T is None else self.T * steps_per_epoch
+
+    def is_local_step(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) runs without gradient all-reduce."""
+        switch = self.switch_step(steps_per_epoch)
+        return switch is not None and step >= switch
+
+    def sync_due(self, steps_done: int, steps_per_epoch: int) -> bool:
+        """Whether to average after ``steps_done`` optimizer steps: every H-th local step, counted from the
+        switch (so the first sync comes H steps after it)."""
+        switch = self.switch_step(steps_per_epoch)
+        return switch is not None and steps_done > switch and (steps_done - switch) % self.H == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved block (defaults filled in), as written into a run's output folder."""
+        return asdict(self)
+
+
+# DeepSpeed settings -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionMode:
+    """Where the weights the optimizer steps live, as far as averaging is concerned."""
+
+    name: str
+    """"fp32" or "autocast" (fp32 weights, low-precision compute): either way the weights the optimizer
+    steps are the fp32 module parameters, which is what a sync averages."""
+    notes: tuple[str, ...] = field(default=())
+
+
+def check_deepspeed_settings(ds_config: Mapping[str, Any], local: LocalSGDConfig) -> PrecisionMode:
+    """Refuse, by key, the DeepSpeed settings under which local SGD cannot be correct.
+
+    Only matters when the run has a local phase (``T`` not null); plain mSGD runs anything DeepSpeed runs.
+    """
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    fp16 = ds_config.get("fp16") or {}
+    bf16 = ds_config.get("bf16") or ds_config.get("bfloat16") or {}
+    autocast = ds_config.get("torch_autocast") or {}
+    fp16_on = isinstance(fp16, Mapping) and bool(fp16.get("enabled", False))
+    bf16_on = isinstance(bf16, Mapping) and bool(bf16.get("enabled", False))
+    autocast_on = isinstance(autocast, Mapping) and bool(autocast.get("enabled", False))
+    mode = PrecisionMode("autocast" if autocast_on else "fp32")
+    if not local.uses_local_phase:
+        return mode
+    if stage and stage >= 1:
+        raise ConfigError(
+            f"zero_optimization.stage = {stage} cannot run local SGD: ZeRO partitions the optimizer state "
+            "(stage 2 also the gradients) so each rank updates only its shard and all-gathers the rest every "
+            "step; no independent local model exists. Use stage 0, or set local_sgd.T = null for mSGD."
+        )
+    if fp16_on:
+        raise ConfigError(
+            "fp16.enabled = true cannot run local SGD: DeepSpeed's fp16 optimizer all-reduces its overflow flag "
+            "over all ranks on every step, which couples the workers in the local phase. "
+            'Use "torch_autocast": {"enabled": true, "dtype": "float16"} (fp32 weights, a loss scaler per worker).'
+        )
+    if bf16_on:
+        raise ConfigError(
+            "bf16.enabled = true cannot run local SGD: DeepSpeed's bf16 optimizer partitions the fp32 master "
+            "weights across data-parallel ranks like ZeRO-1, so no rank holds a whole local model. "
+            'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
+        )
+    return mode

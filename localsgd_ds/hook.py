@@ -1,0 +1,463 @@
+"""The engine hook: turns a DeepSpeed data-parallel engine into mSGD, local SGD or post-local SGD.
+
+Post-local SGD (Lin et al. 2020, "Don't use large mini-batches, use local SGD") runs mSGD for T epochs,
+then lets each of the K workers step on its own and replaces their weights by the mean every H steps;
+T = 0 is local SGD from the start, T = null never leaves mSGD. ``attach`` reads the ``local_sgd`` block of
+the engine's DeepSpeed config and leaves the user's loop as DeepSpeed's own::
+
+    local_sgd = localsgd_ds.attach(engine, steps_per_epoch=len(train_loader))
+    for images, labels in train_loader:
+        engine.backward(criterion(engine(images), labels))
+        engine.step()                 # counts one optimizer step; averages when a sync is due
+    with local_sgd.averaged():        # evaluate the global average without changing training
+        evaluate(engine)
+
+This is the one module that reaches into DeepSpeed (0.19) internals; each reach says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from localsgd_ds.averaging import average_, broadcast_, slowmo_step_
+from localsgd_ds.config import ConfigError, LocalSGDConfig, check_deepspeed_settings
+
+log = logging.getLogger("localsgd_ds")
+
+STATE_VERSION = 1
+RANK_FILE = "local_sgd_rank{rank:05d}.pt"
+
+
+@dataclass
+class CommStats:
+    """Cumulative communication of this rank. ``bytes`` count the payload handed to collectives; a ring
+    all-reduce moves 2(K-1)/K times that over the wire per worker."""
+
+    syncs: int = 0
+    """Averagings of the workers' state (scheduled, forced by ``sync()``, and for ``averaged()``)."""
+    forced_syncs: int = 0
+    """Of those, the ones asked for outside the H schedule (evaluation, checkpoint, end of training)."""
+    bytes: int = 0
+    """Bytes this rank put into averaging collectives."""
+    seconds: float = 0.0
+    """Seconds spent averaging (device synchronized before and after)."""
+    grad_allreduces: int = 0
+    """DeepSpeed's gradient all-reduces (mSGD phase)."""
+    grad_allreduce_bytes: int = 0
+    grad_allreduce_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _device_synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ds_config_dict(engine: Any) -> Mapping[str, Any]:
+    # engine.config is whatever was passed to deepspeed.initialize (a dict or a path); the parsed dict is
+    # on the DeepSpeedConfig object.
+    if isinstance(engine.config, Mapping):
+        return engine.config
+    return engine._config._param_dict
+
+
+class LocalSGD:
+    """Runs local SGD on one DeepSpeed engine. Build it with :func:`attach`.
+
+    One counter, ``step`` (optimizer steps done), decides everything: the phase of the next step and when
+    to sync. It goes into every checkpoint and comes back on resume.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        config: LocalSGDConfig,
+        *,
+        steps_per_epoch: int,
+        allow_config_change: bool = False,
+    ) -> None:
+        if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        if engine.mpu is not None or getattr(engine, "pipeline_parallelism", False):
+            raise ConfigError(
+                "local_sgd supports pure data parallelism only: this engine has model or pipeline parallelism"
+            )
+        optimizer = getattr(engine, "basic_optimizer", None)
+        if optimizer is None:
+            raise ConfigError(
+                "local_sgd needs an engine with an optimizer (none was given to deepspeed.initialize)"
+            )
+
+        self.engine = engine
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.allow_config_change = allow_config_change
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.step = 0
+        self.stats = CommStats()
+        self._steps_since_sync = 0
+        self._bucket_bytes = int(config.bucket_mb * (1 << 20))
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # What the optimizer steps (at stage 0 in fp32 or autocast: the module's own fp32 parameters).
+        self._optimizer = optimizer
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._buffers = list(engine.module.buffers())
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+        self._slow_anchor: list[torch.Tensor] | None = None
+        self._slow_momentum: list[torch.Tensor] | None = None
+
+        # DeepSpeed internals, wrapped on this engine instance only (detach() puts them back):
+        # - step: the one place that knows an optimizer step happened (global_steps moves on a boundary).
+        # - allreduce_gradients: timed, for the mSGD communication share.
+        # - clip_fp32_gradients: DeepSpeed's clip all-reduces the norm over the data-parallel group on every
+        #   step; in the local phase each worker clips by its own norm instead (in mSGD the gradients are
+        #   identical after the all-reduce, so the local norm equals DeepSpeed's global one).
+        # - save_checkpoint / load_checkpoint: add the hook state and each rank's local state.
+        self._originals: dict[str, Callable[..., Any]] = {}
+        for name in (
+            "step",
+            "allreduce_gradients",
+            "clip_fp32_gradients",
+            "save_checkpoint",
+            "load_checkpoint",
+        ):
+            self._originals[name] = getattr(engine, name)
+            setattr(engine, name, getattr(self, f"_engine_{name}"))
+        self._apply_phase()
+        log.info(
+            "local_sgd attached: H=%d K=%d T=%s (switch at step %s), buffers=%s, momentum=%s, slowmo=%s",
+            config.H,
+            config.K,
+            config.T,
+            config.switch_step(steps_per_epoch),
+            config.buffers,
+            config.momentum,
+            config.slowmo,
+        )
+
+    # -- the schedule -----------------------------------------------------------------------------------------
+
+    @property
+    def in_local_phase(self) -> bool:
+        """Whether the next optimizer step is a local step (no gradient all-reduce)."""
+        return self.config.is_local_step(self.step, self.steps_per_epoch)
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether the workers' parameters may differ (local steps since the last sync)."""
+        return self._steps_since_sync > 0
+
+    def _apply_phase(self) -> None:
+        local = self.in_local_phase
+        # The engine's own switch for its gradient all-reduce in backward (what its 1-bit optimizers use).
+        self.engine.enable_backward_allreduce = not local
+        if local and self.config.slowmo is not None and self._slow_anchor is None:
+            # Entering the local phase: the weights are identical on all ranks, the first anchor x0.
+            self._slow_anchor = [p.detach().float().clone() for p in self._params]
+            self._slow_momentum = [torch.zeros_like(a) for a in self._slow_anchor]
+
+    # -- wrapped engine methods -------------------------------------------------------------------------------
+
+    def _engine_step(self, *args: Any, **kwargs: Any) -> Any:
+        before = self.engine.global_steps
+        out = self._originals["step"](*args, **kwargs)
+        if self.engine.global_steps == before:  # a micro-batch inside gradient accumulation
+            return out
+        was_local = self.in_local_phase
+        self.step += 1
+        if was_local:
+            self._steps_since_sync += 1
+            if self.config.sync_due(self.step, self.steps_per_epoch):
+                self._sync(forced=False)
+        self._apply_phase()
+        return out
+
+    def _engine_allreduce_gradients(self, *args: Any, **kwargs: Any) -> Any:
+        _device_synchronize(self._device)
+        start = time.perf_counter()
+        out = self._originals["allreduce_gradients"](*args, **kwargs)
+        _device_synchronize(self._device)
+        self.stats.grad_allreduce_seconds += time.perf_counter() - start
+        self.stats.grad_allreduces += 1
+        self.stats.grad_allreduce_bytes += sum(
+            p.grad.numel() * p.grad.element_size()
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+        )
+        return out
+
+    def _engine_clip_fp32_gradients(self) -> Any:
+        if not self.in_local_phase:
+            return self._originals["clip_fp32_gradients"]()
+        return torch.nn.utils.clip_grad_norm_(
+            self.engine.module.parameters(), self.engine.gradient_clipping()
+        )
+
+    def _engine_save_checkpoint(
+        self, save_dir: str, tag: Any = None, client_state: Mapping | None = None, **kwargs: Any
+    ) -> Any:
+        tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
+        self._save_rank_state(os.path.join(save_dir, tag))
+        client_state = dict(client_state or {})
+        client_state["local_sgd"] = self.state_dict()
+        # The model file holds the global average (what one evaluates or exports); each rank's local
+        # state sits beside it, so saving changes nothing in training.
+        with self.averaged(reason="checkpoint"):
+            return self._originals["save_checkpoint"](save_dir, tag=tag, client_state=client_state, **kwargs)
+
+    def _engine_load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
+        load_path, client_state = self._originals["load_checkpoint"](load_dir, tag=tag, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+        state = (client_state or {}).get("local_sgd")
+        if state is None:
+            log.warning("checkpoint %s has no local_sgd state: the hook starts from step 0", load_path)
+        else:
+            self.load_state_dict(state)
+        self._load_rank_state(os.path.dirname(load_path))
+        return load_path, client_state
+
+    # -- syncs -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _sync(self, *, forced: bool, model_only: bool = False) -> None:
+        """Average parameters (then the SlowMo step), buffers and optimizer state as the config says;
+        ``model_only`` skips SlowMo and the optimizer state (what ``averaged()`` needs)."""
+        cfg = self.config
+        _device_synchronize(self._device)
+        start = time.perf_counter()
+        sent = 0
+        stale = self.is_stale
+        if stale:
+            sent += average_(
+                self._params,
+                world_size=self.world_size,
+                bucket_bytes=self._bucket_bytes,
+                scratch=self._scratch,
+            )
+            if not model_only and cfg.slowmo is not None:
+                assert self._slow_anchor is not None and self._slow_momentum is not None
+                lr = float(self._optimizer.param_groups[0]["lr"])
+                slowmo_step_(
+                    self._params,
+                    self._slow_anchor,
+                    self._slow_momentum,
+                    lr=lr,
+                    beta=cfg.slowmo.beta,
+                    alpha=cfg.slowmo.alpha,
+                )
+            if not model_only:
+                sent += self._sync_momentum()
+            self._steps_since_sync = 0
+        sent += self._sync_buffers()
+        _device_synchronize(self._device)
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.bytes += sent
+        self.stats.syncs += 1
+        self.stats.forced_syncs += int(forced)
+
+    def _sync_buffers(self) -> int:
+        if self.world_size == 1 or self.config.buffers == "local" or not self._buffers:
+            return 0
+        if self.config.buffers == "broadcast":
+            return broadcast_(self._buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch)
+        return average_(
+            self._buffers, world_size=self.world_size, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+        )
+
+    def _momentum_tensors(self) -> list[torch.Tensor]:
+        # Every floating-point tensor the optimizer keeps per parameter (SGD: momentum_buffer; Adam: both
+        # moments), in parameter order so all ranks pack the same buckets.
+        out = []
+        for p in self._params:
+            for value in self._optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
+                    out.append(value)
+        return out
+
+    def _sync_momentum(self) -> int:
+        if self.config.momentum == "local":
+            return 0
+        tensors = self._momentum_tensors()
+        if self.config.momentum == "reset":
+            for t in tensors:
+                t.zero_()
+            return 0
+        return average_(
+            tensors, world_size=self.world_size, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+        )
+
+    def sync(self) -> bool:
+        """Average now, outside the H schedule (the next scheduled sync stays where it was).
+
+        In the local phase this is a full sync (parameters, SlowMo, optimizer state and buffers per policy);
+        in the mSGD phase the parameters are identical already and only buffers are synced. Returns whether
+        parameters were averaged.
+        """
+        stale = self.is_stale
+        if stale:
+            log.info(
+                "local_sgd: forced sync at step %d, %d local steps after the last one",
+                self.step,
+                self._steps_since_sync,
+            )
+        self._sync(forced=True)
+        return stale
+
+    @contextlib.contextmanager
+    def averaged(self, reason: str = "evaluation") -> Iterator[None]:
+        """Hold the global average (parameters, and buffers per policy) inside the block, then put each
+        rank's local state back, so evaluating or saving the average does not change training.
+
+        Uses plain averaging (no SlowMo step) and a CPU copy of what it changes for the duration.
+        """
+        stale = self.is_stale
+        changes = (self._params if stale else []) + (self._buffers if self.config.buffers != "local" else [])
+        if self.world_size == 1 or not changes:
+            yield
+            return
+        if stale:
+            log.info(
+                "local_sgd: averaging for %s at step %d (%d local steps since the last sync)",
+                reason,
+                self.step,
+                self._steps_since_sync,
+            )
+        saved = [t.detach().to("cpu", copy=True) for t in changes]
+        steps_since_sync = self._steps_since_sync
+        self._sync(forced=True, model_only=True)  # the optimizer state is not part of "the model"
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, s in zip(changes, saved, strict=True):
+                    t.copy_(s)
+            self._steps_since_sync = steps_since_sync
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything with a counter or a buffer (identical on all ranks; per-rank state goes to
+        the checkpoint's rank files)."""
+        cfg = self.config
+        return {
+            "version": STATE_VERSION,
+            "H": cfg.H,
+            "K": cfg.K,
+            "T": cfg.T,
+            "steps_per_epoch": self.steps_per_epoch,
+            "step": self.step,
+            "steps_since_sync": self._steps_since_sync,
+            "stats": self.stats.as_dict(),
+            "slowmo_anchor": None if self._slow_anchor is None else [t.cpu() for t in self._slow_anchor],
+            "slowmo_momentum": None
+            if self._slow_momentum is None
+            else [t.cpu() for t in self._slow_momentum],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters and SlowMo buffers. A checkpoint made with another H, K, T or epoch length is
+        refused unless ``allow_config_change`` was given to :func:`attach`."""
+        cfg = self.config
+        theirs = {k: state.get(k) for k in ("H", "K", "T", "steps_per_epoch")}
+        ours = {"H": cfg.H, "K": cfg.K, "T": cfg.T, "steps_per_epoch": self.steps_per_epoch}
+        changed = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        if changed:
+            what = ", ".join(f"{k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in changed.items())
+            if not self.allow_config_change:
+                raise ConfigError(
+                    f"checkpoint was made with a different local SGD setup ({what}); pass "
+                    "allow_config_change=True to localsgd_ds.attach (recipe: --allow-config-change) to resume anyway"
+                )
+            log.warning("local_sgd: resuming with a changed setup (%s)", what)
+        self.step = int(state["step"])
+        self._steps_since_sync = int(state.get("steps_since_sync", 0))
+        self.stats = CommStats(**state.get("stats", {}))
+        anchor, momentum = state.get("slowmo_anchor"), state.get("slowmo_momentum")
+        if anchor is not None and cfg.slowmo is not None:
+            self._slow_anchor = [a.to(self._device, torch.float32) for a in anchor]
+            self._slow_momentum = [m.to(self._device, torch.float32) for m in momentum]
+        else:
+            self._slow_anchor = self._slow_momentum = None
+        if self.engine.global_steps != self.step:
+            log.warning(
+                "local_sgd: engine.global_steps = %d but the hook's step = %d; the hook's count rules",
+                self.engine.global_steps,
+                self.step,
+            )
+        self._apply_phase()
+
+    def _save_rank_state(self, tag_dir: str) -> None:
+        os.makedirs(tag_dir, exist_ok=True)
+        state: dict[str, Any] = {
+            "world_size": self.world_size,
+            "step": self.step,
+            "buffers": [b.detach().cpu() for b in self._buffers],
+        }
+        if self.is_stale:  # only then do the parameters differ from the averaged model file
+            state["params"] = [p.detach().cpu() for p in self._params]
+        if self.config.uses_local_phase:  # mid-period, every policy leaves the optimizer state local
+            state["optimizer"] = self._optimizer.state_dict()
+        path = os.path.join(tag_dir, RANK_FILE.format(rank=self.rank))
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a partial file under the real name
+
+    @torch.no_grad()
+    def _load_rank_state(self, tag_dir: str) -> None:
+        path = os.path.join(tag_dir, RANK_FILE.format(rank=self.rank))
+        if not os.path.exists(path):
+            log.warning("local_sgd: no %s; every rank resumes from the averaged model", path)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.world_size:
+            log.warning(
+                "local_sgd: %s was written by a run of %d workers (now %d); every rank resumes from the "
+                "averaged model",
+                path,
+                state["world_size"],
+                self.world_size,
+            )
+            return
+        for b, saved in zip(self._buffers, state["buffers"], strict=True):
+            b.copy_(saved)
+        for p, saved in zip(self._params, state.get("params", []), strict=False):
+            p.copy_(saved)
+        if "optimizer" in state:
+            self._optimizer.load_state_dict(state["optimizer"])
+
+    def detach(self) -> None:
+        """Put the engine's own methods back and re-enable its gradient all-reduce."""
+        for name, fn in self._originals.items():
+            setattr(self.engine, name, fn)
+        self._originals = {}
+        self.engine.enable_backward_allreduce = True
+
+
+def attach(engine: Any, *, steps_per_epoch: int, allow_config_change: bool = False) -> LocalSGD:
+    """Read ``engine``'s ``local_sgd`` config block, validate it against the engine, and hook the engine.
+
+    ``steps_per_epoch`` is the number of optimizer steps (not micro-batches) in one epoch, the same on every
+    rank; the switch to local SGD happens at step ``T x steps_per_epoch``.
+    """
+    ds_config = _ds_config_dict(engine)
+    if "local_sgd" not in ds_config:
+        raise ConfigError(
+            'the DeepSpeed config has no "local_sgd" block; add one, e.g. "local_sgd": {"H": 8, "T": 0} '
+            'for local SGD or "local_sgd": {"T": null} for plain mSGD'
+        )
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    config = LocalSGDConfig.from_dict(ds_config["local_sgd"], world_size=world_size)
+    check_deepspeed_settings(ds_config, config)
+    return LocalSGD(engine, config, steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change)

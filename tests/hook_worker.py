@@ -1,0 +1,241 @@
+"""One rank of a real multi-process DeepSpeed run with the hook attached (launched by tests/distributed.py).
+
+    python tests/hook_worker.py OUT_DIR SCENARIO [SCENARIO ...]
+
+Runs each named scenario on a fresh engine in the same gloo world and saves this rank's results to
+OUT_DIR/rank<r>.pt as {scenario: result}. The test process compares them with hook_reference.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+import deepspeed  # noqa: E402
+from tiny import batch, loss_fn, make_model, make_optimizer  # noqa: E402
+
+import localsgd_ds  # noqa: E402
+
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce",
+    "barrier",
+    "all_to_all_single",
+    "all_reduce_coalesced",
+    "gather",
+    "scatter",
+)
+calls: list[str] = []
+
+
+def _count_collectives() -> None:
+    # Every deepspeed.comm op ends in one of these torch.distributed functions, looked up at call time.
+    for name in COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+
+        def counted(*args, __fn=fn, __name=name, **kwargs):
+            calls.append(__name)
+            return __fn(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def engine_for(
+    local_sgd: dict | None, *, gas: int = 1, clip: float = 0.0, extra: dict | None = None, seed: int = 0
+):
+    model = make_model(seed)
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": gas,
+        "steps_per_print": 10**9,
+        "gradient_clipping": clip,
+        **(extra or {}),
+    }
+    if local_sgd is not None:
+        config["local_sgd"] = local_sgd
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
+    return engine
+
+
+def train(engine, steps: int, *, start: int = 0, gas: int = 1, hook=None, trace: list | None = None) -> None:
+    rank = dist.get_rank()
+    for s in range(start, start + steps):
+        before = len(calls)
+        local = hook.in_local_phase if hook is not None else False
+        for micro in range(gas):
+            x, y = batch(rank, s, micro)
+            engine.backward(loss_fn(engine(x), y))
+            engine.step()
+        if trace is not None:
+            trace.append(
+                {
+                    "step": s,
+                    "local": local,
+                    "collectives": calls[before:],
+                    "params": [p.detach().clone() for p in engine.module.parameters()],
+                }
+            )
+
+
+def state(engine) -> dict:
+    opt = engine.basic_optimizer
+    return {
+        "model": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+        "momentum": [
+            opt.state[p]["momentum_buffer"].clone()
+            for p in engine.module.parameters()
+            if "momentum_buffer" in opt.state.get(p, {})
+        ],
+    }
+
+
+def local_run(block: dict, steps: int, spe: int, *, gas: int = 1, clip: float = 0.0) -> dict:
+    engine = engine_for(block, gas=gas, clip=clip)
+    hook = localsgd_ds.attach(engine, steps_per_epoch=spe)
+    trace: list = []
+    train(engine, steps, gas=gas, hook=hook, trace=trace)
+    return {**state(engine), "trace": trace, "stats": hook.stats.as_dict(), "step": hook.step}
+
+
+# -- scenarios: each returns what this rank should report ---------------------------------------------------
+
+
+def msgd_parity() -> dict:
+    """T past the end vs plain DeepSpeed data parallelism (no hook), step by step."""
+    ours, plain = [], []
+    engine = engine_for({"H": 4, "T": 100})
+    hook = localsgd_ds.attach(engine, steps_per_epoch=3)
+    train(engine, 6, hook=hook, trace=ours)
+    reference = engine_for(None)
+    train(reference, 6, trace=plain)
+    return {
+        "ours": [t["params"] for t in ours],
+        "plain": [t["params"] for t in plain],
+        "stats": hook.stats.as_dict(),
+    }
+
+
+def local_h3() -> dict:
+    return local_run({"H": 3, "T": 0}, steps=7, spe=5)
+
+
+def postlocal() -> dict:
+    return local_run({"H": 2, "T": 1}, steps=9, spe=4)
+
+
+def buffers_broadcast() -> dict:
+    return local_run({"H": 2, "T": 0, "buffers": "broadcast", "momentum": "average"}, steps=4, spe=4)
+
+
+def buffers_local() -> dict:
+    return local_run({"H": 2, "T": 0, "buffers": "local", "momentum": "reset"}, steps=4, spe=4)
+
+
+def slowmo_plain() -> dict:
+    return local_run({"H": 2, "T": 1, "slowmo": {"beta": 0.0, "alpha": 1.0}}, steps=8, spe=2)
+
+
+def slowmo_beta() -> dict:
+    return local_run({"H": 2, "T": 1, "slowmo": {"beta": 0.5, "alpha": 0.8}}, steps=8, spe=2)
+
+
+def grad_accumulation() -> dict:
+    return local_run({"H": 2, "T": 0}, steps=5, spe=5, gas=3)
+
+
+def clipping() -> dict:
+    return local_run({"H": 2, "T": 1}, steps=6, spe=2, clip=0.05)
+
+
+CKPT_BLOCK = {"H": 4, "T": 1, "slowmo": {"beta": 0.5, "alpha": 1.0}}
+CKPT_SPE, CKPT_AT, CKPT_END = 3, 5, 10  # switch at step 3, syncs at 7 and 11: the save at 5 is mid-period
+
+
+def ckpt_full() -> dict:
+    engine = engine_for(CKPT_BLOCK)
+    hook = localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
+    train(engine, CKPT_AT, hook=hook)
+    engine.save_checkpoint(os.environ["CKPT_DIR"] + "/full", tag="mid")
+    train(engine, CKPT_END - CKPT_AT, start=CKPT_AT, hook=hook)
+    return {**state(engine), "stats": hook.stats.as_dict()}
+
+
+def ckpt_part1() -> dict:
+    engine = engine_for(CKPT_BLOCK)
+    hook = localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
+    train(engine, CKPT_AT, hook=hook)
+    before = state(engine)
+    engine.save_checkpoint(os.environ["CKPT_DIR"] + "/part", tag="mid")
+    return {"before_save": before, "after_save": state(engine)}
+
+
+def ckpt_part2() -> dict:
+    engine = engine_for(CKPT_BLOCK, seed=123)  # different init: everything must come from the checkpoint
+    hook = localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
+    path, _ = engine.load_checkpoint(os.environ["CKPT_DIR"] + "/part")
+    assert path is not None
+    resumed_step = hook.step
+    train(engine, CKPT_END - CKPT_AT, start=CKPT_AT, hook=hook)
+    return {**state(engine), "resumed_step": resumed_step, "stats": hook.stats.as_dict()}
+
+
+def ckpt_changed_h() -> dict:
+    engine = engine_for({**CKPT_BLOCK, "H": 2})
+    localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
+    try:
+        engine.load_checkpoint(os.environ["CKPT_DIR"] + "/part")
+    except localsgd_ds.ConfigError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def attach_errors() -> dict:
+    errors = {}
+    for name, block, extra in [
+        ("K", {"H": 2, "T": 0, "K": dist.get_world_size() + 1}, {}),
+        (
+            "zero",
+            {"H": 2, "T": 0},
+            {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
+        ),
+        ("missing", None, {}),
+    ]:
+        engine = engine_for(block, extra=extra)
+        try:
+            localsgd_ds.attach(engine, steps_per_epoch=2)
+            errors[name] = None
+        except localsgd_ds.ConfigError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def main() -> None:
+    out_dir, names = Path(sys.argv[1]), sys.argv[2:]
+    deepspeed.init_distributed(dist_backend="gloo")
+    _count_collectives()
+    results = {}
+    for name in names:
+        results[name] = globals()[name]()
+        dist.barrier()
+    torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")
+    print(json.dumps({"rank": dist.get_rank(), "done": names}))
+
+
+if __name__ == "__main__":
+    main()

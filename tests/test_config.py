@@ -1,0 +1,109 @@
+"""Pure logic: the local_sgd block, the schedule, the DeepSpeed settings check, bucketing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localsgd_ds.averaging import _buckets
+from localsgd_ds.config import ConfigError, LocalSGDConfig, SlowMoConfig, check_deepspeed_settings
+
+
+def test_defaults_are_msgd():
+    cfg = LocalSGDConfig.from_dict({}, world_size=4)
+    assert (cfg.H, cfg.K, cfg.T, cfg.buffers, cfg.momentum, cfg.slowmo) == (
+        1,
+        4,
+        None,
+        "average",
+        "local",
+        None,
+    )
+    assert not cfg.uses_local_phase and cfg.switch_step(10) is None
+
+
+def test_full_block_parses_into_frozen_dataclasses():
+    cfg = LocalSGDConfig.from_dict(
+        {"H": 8, "K": 2, "T": 30, "buffers": "broadcast", "momentum": "reset", "slowmo": {"beta": 0.5}},
+        world_size=2,
+    )
+    assert cfg.slowmo == SlowMoConfig(beta=0.5, alpha=1.0)
+    assert cfg.to_dict()["slowmo"] == {"beta": 0.5, "alpha": 1.0}
+    with pytest.raises(AttributeError):
+        cfg.H = 4  # frozen
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"H": 0, "T": 0}, "local_sgd.H must be an integer >= 1, got 0"),
+        ({"H": 2.5, "T": 0}, "local_sgd.H must be an integer >= 1, got 2.5"),
+        ({"H": True, "T": 0}, "local_sgd.H must be an integer >= 1, got True"),
+        ({"H": 2, "T": -1}, "local_sgd.T must be an integer number of epochs >= 0 or null, got -1"),
+        ({"H": 2}, "local_sgd.T is missing"),
+        ({"K": 3}, "local_sgd.K = 3 but the data-parallel world size is 2"),
+        ({"K": 0}, "local_sgd.K must be an integer >= 1"),
+        ({"buffers": "sum"}, "local_sgd.buffers must be one of ['average', 'broadcast', 'local'], got 'sum'"),
+        ({"momentum": "keep"}, "local_sgd.momentum must be one of ['local', 'average', 'reset'], got 'keep'"),
+        ({"h": 2}, "local_sgd: unknown key(s) ['h']; known keys are ['H', 'K', 'T'"),
+        ({"slowmo": {"beta": 1.0}}, "local_sgd.slowmo.beta must be a number in [0, 1), got 1.0"),
+        ({"slowmo": {"alpha": 0}}, "local_sgd.slowmo.alpha must be a number > 0, got 0"),
+        ({"slowmo": {"lr": 1}}, "local_sgd.slowmo: unknown key(s) ['lr']"),
+        ({"slowmo": 0.5}, "local_sgd.slowmo must be null or an object"),
+        ({"bucket_mb": -1}, "local_sgd.bucket_mb must be a number > 0, got -1"),
+    ],
+)
+def test_bad_values_name_the_key_and_value(block, message):
+    with pytest.raises(ConfigError) as e:
+        LocalSGDConfig.from_dict(block, world_size=2)
+    assert message in str(e.value)
+
+
+def test_block_must_be_an_object():
+    with pytest.raises(ConfigError, match="local_sgd must be a JSON object"):
+        LocalSGDConfig.from_dict([1, 2])
+
+
+def test_schedule_first_sync_is_H_steps_after_the_switch():
+    cfg = LocalSGDConfig.from_dict({"H": 3, "T": 2})  # switch at step 2 x 5 = 10
+    assert [s for s in range(20) if cfg.is_local_step(s, 5)] == list(range(10, 20))
+    assert [n for n in range(1, 21) if cfg.sync_due(n, 5)] == [13, 16, 19]
+    never = LocalSGDConfig.from_dict({"H": 3, "T": None})
+    assert not any(never.is_local_step(s, 5) or never.sync_due(s, 5) for s in range(50))
+
+
+@pytest.mark.parametrize(
+    "ds, key",
+    [
+        ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage = 1"),
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled = true"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled = true"),
+    ],
+)
+def test_deepspeed_settings_without_a_local_model_are_refused(ds, key):
+    local = LocalSGDConfig.from_dict({"H": 2, "T": 0})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_deepspeed_settings(ds, local)
+    # plain mSGD runs whatever DeepSpeed runs
+    assert check_deepspeed_settings(ds, LocalSGDConfig.from_dict({"T": None})).name in ("fp32", "autocast")
+
+
+def test_autocast_is_accepted():
+    local = LocalSGDConfig.from_dict({"H": 2, "T": 0})
+    mode = check_deepspeed_settings({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, local)
+    assert mode.name == "autocast"
+
+
+def test_buckets_are_bounded_and_split_by_dtype():
+    ts = [
+        torch.zeros(10),
+        torch.zeros(30),
+        torch.zeros(5, dtype=torch.int64),
+        torch.zeros(100),
+        torch.zeros(20),
+    ]
+    buckets = list(_buckets(ts, bucket_numel=40))
+    shapes = [[t.numel() for t in b] for b in buckets]
+    assert shapes == [[100], [10, 30], [20], [5]]  # the big one alone, at once; int64 apart
+    assert all(len({t.dtype for t in b}) == 1 for b in buckets)

@@ -1,0 +1,182 @@
+"""The hook on the real DeepSpeed engine: 2 and 4 CPU processes on gloo, compared with local SGD done by
+hand in one process (hook_reference.py). Scenarios run in hook_worker.py; see there for the setups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+from hook_reference import reference
+
+pytestmark = pytest.mark.slow
+WORKER = str(Path(__file__).with_name("hook_worker.py"))
+ATOL = 1e-6  # all-reduce sums in another order than torch.stack(...).mean(); nothing else differs
+
+FIRST_LAUNCH = [
+    "msgd_parity",
+    "local_h3",
+    "postlocal",
+    "buffers_broadcast",
+    "buffers_local",
+    "slowmo_plain",
+    "slowmo_beta",
+    "grad_accumulation",
+    "clipping",
+    "attach_errors",
+    "ckpt_full",
+    "ckpt_part1",
+]
+
+
+def launch(tmp: Path, nprocs: int, scenarios: list[str], ckpt_dir: Path) -> list[dict]:
+    run_ranks([WORKER, str(tmp), *scenarios], nprocs, timeout=600, env={"CKPT_DIR": str(ckpt_dir)})
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    first = launch(tmp_path_factory.mktemp("k2"), 2, FIRST_LAUNCH, ckpt)
+    # The resume runs in fresh processes, as after a crash.
+    second = launch(tmp_path_factory.mktemp("k2resume"), 2, ["ckpt_part2", "ckpt_changed_h"], ckpt)
+    four = launch(tmp_path_factory.mktemp("k4"), 4, ["local_h3", "postlocal"], ckpt)
+    return {"k2": [{**a, **b} for a, b in zip(first, second)], "k4": four}
+
+
+def per_rank(runs, scenario, k="k2"):
+    return [r[scenario] for r in runs[k]]
+
+
+def assert_matches_reference(results: list[dict], ref: list[dict], atol: float = ATOL) -> None:
+    for rank, (ours, theirs) in enumerate(zip(results, ref)):
+        for name, expected in theirs.items():
+            got = ours["model"][name]
+            assert got.dtype == expected.dtype, name
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0, msg=f"rank {rank} {name}")
+
+
+def test_msgd_phase_equals_plain_deepspeed_step_for_step(runs):
+    for r in per_rank(runs, "msgd_parity"):
+        assert len(r["ours"]) == len(r["plain"]) == 6
+        for step, (ours, plain) in enumerate(zip(r["ours"], r["plain"])):
+            for a, b in zip(ours, plain):
+                assert torch.equal(a, b), f"step {step} differs from plain DeepSpeed"
+        assert r["stats"]["syncs"] == 0 and r["stats"]["grad_allreduces"] == 6
+
+
+@pytest.mark.parametrize("k", ["k2", "k4"])
+def test_local_sgd_no_collectives_between_syncs_and_matches_hand_reference(runs, k):
+    results = per_rank(runs, "local_h3", k)
+    K = len(results)
+    trace = results[0]["trace"]
+    assert all(t["local"] for t in trace)
+    for t in trace:
+        if (t["step"] + 1) % 3 == 0:  # H = 3: a sync after steps 3 and 6
+            # params (fp32), buffers (fp32) and num_batches_tracked (int64): three buckets, not one per tensor
+            assert t["collectives"] == ["all_reduce"] * 3, t
+        else:
+            assert t["collectives"] == [], f"step {t['step']} issued {t['collectives']}"
+    for step_idx, t in enumerate(trace):
+        params = [r["trace"][step_idx]["params"] for r in results]
+        same = all(torch.equal(a, b) for other in params[1:] for a, b in zip(params[0], other))
+        assert same == ((t["step"] + 1) % 3 == 0), f"step {t['step']}: identical across ranks = {same}"
+    assert results[0]["stats"]["syncs"] == 2 and results[0]["stats"]["grad_allreduces"] == 0
+    assert_matches_reference(results, reference(K, 7, H=3, switch=0))
+
+
+@pytest.mark.parametrize("k", ["k2", "k4"])
+def test_post_local_switches_at_T_times_steps_per_epoch(runs, k):
+    results = per_rank(runs, "postlocal", k)
+    trace = results[0]["trace"]
+    assert [t["local"] for t in trace] == [False] * 4 + [True] * 5  # T = 1 epoch of 4 steps
+    for t in trace[:4]:
+        assert t["collectives"] == ["all_reduce"], t  # DeepSpeed's own gradient all-reduce, one bucket
+    assert [len(t["collectives"]) for t in trace[4:]] == [0, 3, 0, 3, 0]  # first sync H = 2 after the switch
+    assert results[0]["stats"]["grad_allreduces"] == 4 and results[0]["stats"]["syncs"] == 2
+    assert_matches_reference(results, reference(len(results), 9, H=2, switch=4))
+
+
+def test_buffer_and_momentum_policies(runs):
+    bcast = per_rank(runs, "buffers_broadcast")
+    assert_matches_reference(bcast, reference(2, 4, H=2, switch=0, buffers="broadcast", momentum="average"))
+    for a, b in zip(bcast[0]["momentum"], bcast[1]["momentum"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # averaged momentum: identical after the sync
+    # params, momentum, then the BN buffers from rank 0 (fp32 bucket, int64 bucket)
+    assert bcast[0]["trace"][1]["collectives"] == ["all_reduce", "all_reduce", "broadcast", "broadcast"]
+    local = per_rank(runs, "buffers_local")
+    assert_matches_reference(local, reference(2, 4, H=2, switch=0, buffers="local", momentum="reset"))
+    assert not torch.equal(local[0]["model"]["bn.running_mean"], local[1]["model"]["bn.running_mean"])
+    assert all(m.abs().max() == 0 for m in local[0]["momentum"])  # reset at the sync after the last step
+
+
+def test_integer_buffers_are_not_averaged_as_floats(runs):
+    for r in per_rank(runs, "local_h3"):
+        tracked = r["model"]["bn.num_batches_tracked"]
+        assert tracked.dtype == torch.int64 and tracked.item() == 7
+
+
+def test_slowmo_beta0_alpha1_is_plain_local_sgd_and_beta_matches_formula(runs):
+    plain = per_rank(runs, "slowmo_plain")
+    assert_matches_reference(plain, reference(2, 8, H=2, switch=2))
+    assert_matches_reference(
+        per_rank(runs, "slowmo_beta"), reference(2, 8, H=2, switch=2, slowmo=(0.5, 0.8)), atol=1e-5
+    )
+    # and beta > 0 really moves the weights away from plain averaging
+    diff = (
+        (per_rank(runs, "slowmo_beta")[0]["model"]["fc.weight"] - plain[0]["model"]["fc.weight"]).abs().max()
+    )
+    assert diff > 1e-3
+
+
+def test_gradient_accumulation_counts_optimizer_steps_not_micro_batches(runs):
+    results = per_rank(runs, "grad_accumulation")
+    assert results[0]["step"] == 5
+    assert [len(t["collectives"]) for t in results[0]["trace"]] == [0, 3, 0, 3, 0]
+    assert_matches_reference(results, reference(2, 5, H=2, switch=0, gas=3))
+
+
+def test_gradient_clipping_is_local_in_the_local_phase(runs):
+    results = per_rank(runs, "clipping")
+    trace = results[0]["trace"]
+    # mSGD steps: the gradient all-reduce plus DeepSpeed's norm all-reduce; local steps: nothing
+    assert [len(t["collectives"]) for t in trace] == [2, 2, 0, 3, 0, 3]
+    assert_matches_reference(results, reference(2, 6, H=2, switch=2, clip=0.05))
+
+
+def test_attach_refuses_bad_setups_by_key(runs):
+    for errors in per_rank(runs, "attach_errors"):
+        assert "local_sgd.K = 3" in errors["K"] and "world size is 2" in errors["K"]
+        assert "zero_optimization.stage = 1" in errors["zero"]
+        assert '"local_sgd"' in errors["missing"]
+
+
+def test_checkpoint_mid_period_resumes_exactly(runs):
+    full, part1, part2 = (per_rank(runs, s) for s in ("ckpt_full", "ckpt_part1", "ckpt_part2"))
+    for rank in range(2):
+        # saving the averaged model does not change the live (local) weights
+        for name, v in part1[rank]["before_save"]["model"].items():
+            assert torch.equal(v, part1[rank]["after_save"]["model"][name]), name
+        assert part2[rank]["resumed_step"] == 5
+        for name, v in full[rank]["model"].items():
+            assert torch.equal(v, part2[rank]["model"][name]), f"rank {rank} {name} differs after resume"
+        for a, b in zip(full[rank]["momentum"], part2[rank]["momentum"]):
+            assert torch.equal(a, b)
+    # the two ranks were really different at the save (mid-period), so the rank files mattered
+    assert not torch.equal(
+        part1[0]["before_save"]["model"]["fc.weight"], part1[1]["before_save"]["model"]["fc.weight"]
+    )
+
+
+def test_checkpoint_model_file_holds_the_global_average(runs, tmp_path_factory):
+    part1 = per_rank(runs, "ckpt_part1")
+    ckpt = Path(tmp_path_factory.getbasetemp()) / "ckpt0" / "part" / "mid" / "mp_rank_00_model_states.pt"
+    saved = torch.load(ckpt, weights_only=False)["module"]
+    mean = (part1[0]["before_save"]["model"]["fc.weight"] + part1[1]["before_save"]["model"]["fc.weight"]) / 2
+    torch.testing.assert_close(saved["fc.weight"], mean, atol=ATOL, rtol=0)
+
+
+def test_resume_with_changed_H_is_refused(runs):
+    for r in per_rank(runs, "ckpt_changed_h"):
+        assert r["error"] is not None and "H: checkpoint 4 -> now 2" in r["error"]
