@@ -1,0 +1,251 @@
+"""The recipe's slice of the DeepSpeed JSON: the ``train`` block, parsed once into frozen dataclasses.
+
+One JSON file defines an experiment. DeepSpeed reads its own keys (batch, optimizer, precision), the hook
+reads ``local_sgd``, and the recipe reads ``train``::
+
+    {
+      "train_micro_batch_size_per_gpu": 32,                    # B, images per worker per step
+      "optimizer": {"type": "SGD", "params": {"momentum": 0.9, "weight_decay": 1e-4}},
+      "local_sgd": {"H": 8, "K": 16, "T": 30},
+      "train": {"model": "resnet50", "epochs": 90,
+                "lr_schedule": {"base_lr": 0.1, "reference_batch": 256, "warmup_epochs": 5,
+                                "decay": "step", "milestones": [30, 60, 80]}}
+    }
+
+``RunConfig.from_dict(ds_json, world_size=K)`` validates all three parts together (errors name the key and
+the value) and ``RunConfig.resolved()`` is the JSON written into the run's output folder. The learning rate
+has one home: ``train.lr_schedule`` (the recipe's schedule in epochs) or DeepSpeed's own ``scheduler``
+section, never both; with ``train.lr_schedule`` the optimizer's ``params.lr`` must be left out.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from localsgd_ds.config import ConfigError, LocalSGDConfig, check_deepspeed_settings
+from localsgd_ds.models import MODELS
+from localsgd_ds.schedules import LRScheduleConfig
+
+
+def _int_at_least(block: Mapping[str, Any], key: str, default: Any, minimum: int, where: str) -> int:
+    value = block.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(block: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = block.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` block: what the recipe trains and how it logs and checkpoints. Defaults: Goyal et al."""
+
+    model: str = "resnet50"
+    """Network: "resnet50", "resnet101" (torchvision, random init) or "resnet8" (small, for CPU runs)."""
+    zero_init_residual: bool = True
+    """Start the last BatchNorm gamma of every residual block at zero (each block starts as the identity)."""
+    epochs: int = 90
+    """Length of the run in epochs (one epoch = the training set once over all K workers)."""
+    image_size: int = 224
+    """Side of the training crop (RandomResizedCrop + horizontal flip)."""
+    val_resize: int = 256
+    """Validation images are resized to this shorter side, then center-cropped to ``val_crop``."""
+    val_crop: int = 224
+    """Side of the validation center crop."""
+    eval_batch_size: int | None = None
+    """Validation batch per worker; null means ``train_micro_batch_size_per_gpu``."""
+    lr_schedule: LRScheduleConfig | None = LRScheduleConfig()
+    """Learning rate in epochs (scaling rule, warmup, decay); null when DeepSpeed's ``scheduler`` is used."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss (0 in Goyal et al.)."""
+    channels_last: bool = True
+    """Use the channels_last memory format on CUDA (faster convolutions with tensor cores); ignored on CPU."""
+    num_workers: int = 8
+    """Data-loader processes per worker (JPEG decoding and augmentation)."""
+    seed: int = 0
+    """Seed of the weight initialization (the same on every worker) and of the data order."""
+    keep_last: int = 3
+    """Number of checkpoints kept in ``<output-dir>/checkpoints`` (older ones are deleted after a save)."""
+    log_every: int = 50
+    """Optimizer steps between two points of the per-step TensorBoard curves (train loss, lr)."""
+
+    KEYS = (
+        "model",
+        "zero_init_residual",
+        "epochs",
+        "image_size",
+        "val_resize",
+        "val_crop",
+        "eval_batch_size",
+        "lr_schedule",
+        "label_smoothing",
+        "channels_last",
+        "num_workers",
+        "seed",
+        "keep_last",
+        "log_every",
+    )
+
+    @classmethod
+    def from_dict(cls, block: Any, *, lr_schedule_default: bool = True) -> TrainConfig:
+        """Validate the ``train`` block; ``lr_schedule_default=False`` when DeepSpeed's scheduler is in use."""
+        where = "train"
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"train must be an object with keys {list(cls.KEYS)}, got {block!r}")
+        unknown = sorted(set(block) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError(f"train: unknown key(s) {unknown}; known keys are {list(cls.KEYS)}")
+
+        model = block.get("model", cls.model)
+        if model not in MODELS:
+            raise ConfigError(f"train.model must be one of {sorted(MODELS)}, got {model!r}")
+        eval_batch_size = block.get("eval_batch_size")
+        if eval_batch_size is not None:
+            eval_batch_size = _int_at_least(block, "eval_batch_size", None, 1, where)
+        smoothing = block.get("label_smoothing", 0.0)
+        if (
+            not isinstance(smoothing, (int, float))
+            or isinstance(smoothing, bool)
+            or not 0.0 <= smoothing < 1.0
+        ):
+            raise ConfigError(f"train.label_smoothing must be a number in [0, 1), got {smoothing!r}")
+        if "lr_schedule" in block and block["lr_schedule"] is not None:
+            lr_schedule = LRScheduleConfig.from_dict(block["lr_schedule"])
+        elif "lr_schedule" not in block and lr_schedule_default:
+            lr_schedule = LRScheduleConfig()
+        else:
+            lr_schedule = None
+
+        config = cls(
+            model=model,
+            zero_init_residual=_bool(block, "zero_init_residual", cls.zero_init_residual, where),
+            epochs=_int_at_least(block, "epochs", cls.epochs, 1, where),
+            image_size=_int_at_least(block, "image_size", cls.image_size, 8, where),
+            val_resize=_int_at_least(block, "val_resize", cls.val_resize, 8, where),
+            val_crop=_int_at_least(block, "val_crop", cls.val_crop, 8, where),
+            eval_batch_size=eval_batch_size,
+            lr_schedule=lr_schedule,
+            label_smoothing=float(smoothing),
+            channels_last=_bool(block, "channels_last", cls.channels_last, where),
+            num_workers=_int_at_least(block, "num_workers", cls.num_workers, 0, where),
+            seed=_int_at_least(block, "seed", cls.seed, 0, where),
+            keep_last=_int_at_least(block, "keep_last", cls.keep_last, 1, where),
+            log_every=_int_at_least(block, "log_every", cls.log_every, 1, where),
+        )
+        if config.val_crop > config.val_resize:
+            raise ConfigError(
+                f"train.val_crop = {config.val_crop} is larger than train.val_resize = {config.val_resize}"
+            )
+        if config.lr_schedule is not None and config.lr_schedule.decay == "step":
+            late = [m for m in config.lr_schedule.milestones if m >= config.epochs]
+            if late:
+                raise ConfigError(
+                    f"train.lr_schedule.milestones {list(config.lr_schedule.milestones)} has epochs {late} "
+                    f"at or after the end of the run (train.epochs = {config.epochs})"
+                )
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        resolved = asdict(self)
+        resolved["lr_schedule"] = None if self.lr_schedule is None else self.lr_schedule.to_dict()
+        return resolved
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The batch arithmetic, read from DeepSpeed's own keys."""
+
+    micro_batch: int
+    """B: images per worker per micro-step (``train_micro_batch_size_per_gpu``)."""
+    grad_accum: int
+    """Micro-steps per optimizer step (``gradient_accumulation_steps``)."""
+    world_size: int
+    """K: number of workers."""
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all workers: B x K x gradient_accumulation_steps."""
+        return self.micro_batch * self.world_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one JSON file defines, validated together."""
+
+    train: TrainConfig
+    """The recipe's ``train`` block."""
+    local_sgd: LocalSGDConfig
+    """The hook's ``local_sgd`` block, with K resolved to the world size."""
+    batch: BatchConfig
+    """B, K and gradient accumulation."""
+    deepspeed: dict[str, Any]
+    """The JSON as given to ``deepspeed.initialize`` (DeepSpeed's keys, ``local_sgd`` resolved, ``train``)."""
+
+    @classmethod
+    def from_dict(cls, ds_json: Mapping[str, Any], *, world_size: int) -> RunConfig:
+        if not isinstance(ds_json, Mapping):
+            raise ConfigError(f"the DeepSpeed config must be a JSON object, got {type(ds_json).__name__}")
+        has_ds_scheduler = ds_json.get("scheduler") is not None
+        train_block = ds_json.get("train", {})
+        if (
+            has_ds_scheduler
+            and isinstance(train_block, Mapping)
+            and train_block.get("lr_schedule") is not None
+        ):
+            raise ConfigError(
+                "both train.lr_schedule and DeepSpeed's scheduler section are given: the learning rate must have "
+                "one home; remove one of them"
+            )
+        train = TrainConfig.from_dict(train_block, lr_schedule_default=not has_ds_scheduler)
+
+        optimizer = ds_json.get("optimizer")
+        if not isinstance(optimizer, Mapping) or "type" not in optimizer:
+            raise ConfigError(
+                f'optimizer must be given, e.g. {{"type": "SGD", "params": {{"momentum": 0.9}}}}, got {optimizer!r}'
+            )
+        params = optimizer.get("params") or {}
+        if train.lr_schedule is not None and "lr" in params:
+            raise ConfigError(
+                f"optimizer.params.lr = {params['lr']!r} is set, but the learning rate comes from "
+                f"train.lr_schedule (base_lr = {train.lr_schedule.base_lr}); remove optimizer.params.lr"
+            )
+
+        micro = ds_json.get("train_micro_batch_size_per_gpu")
+        if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
+            raise ConfigError(f"train_micro_batch_size_per_gpu must be an integer >= 1, got {micro!r}")
+        accum = ds_json.get("gradient_accumulation_steps", 1)
+        if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
+        batch = BatchConfig(micro_batch=micro, grad_accum=accum, world_size=world_size)
+        total = ds_json.get("train_batch_size")
+        if total is not None and total != batch.global_batch:
+            raise ConfigError(
+                f"train_batch_size = {total!r} but train_micro_batch_size_per_gpu x world size x "
+                f"gradient_accumulation_steps = {micro} x {world_size} x {accum} = {batch.global_batch}"
+            )
+
+        local_sgd = LocalSGDConfig.from_dict(ds_json.get("local_sgd", {"T": None}), world_size=world_size)
+        check_deepspeed_settings(ds_json, local_sgd)
+
+        deepspeed_json = copy.deepcopy(dict(ds_json))
+        deepspeed_json["local_sgd"] = local_sgd.to_dict()
+        deepspeed_json["train"] = train.to_dict()
+        return cls(train=train, local_sgd=local_sgd, batch=batch, deepspeed=deepspeed_json)
+
+    def resolved(self) -> dict[str, Any]:
+        """The JSON written into the output folder: the input with every default filled in."""
+        return copy.deepcopy(self.deepspeed)
+
+    def method(self) -> str:
+        """ "msgd", "local" (local SGD from the start), "postlocal"; with "+slowmo" when SlowMo is on."""
+        T = self.local_sgd.T
+        name = "msgd" if T is None else "local" if T == 0 else "postlocal"
+        return name + ("+slowmo" if self.local_sgd.slowmo is not None and T is not None else "")

@@ -1,0 +1,167 @@
+"""Every shipped DeepSpeed JSON loads and validates; the generator reproduces them; bad configs name the key."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import make_configs  # noqa: E402
+from train_config import RunConfig  # noqa: E402
+
+from localsgd_ds.config import ConfigError  # noqa: E402
+
+CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+SWEEP = yaml.safe_load((ROOT / "recipes" / "sweep.yaml").read_text())
+
+
+def world_size_of(config: dict) -> int:
+    K = config["local_sgd"].get("K", "auto")
+    return 2 if K == "auto" else K
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path, monkeypatch):
+    config = json.loads(path.read_text())
+    K = world_size_of(config)
+    run = RunConfig.from_dict(config, world_size=K)
+    assert run.local_sgd.K == K
+    assert run.batch.global_batch == config["train_micro_batch_size_per_gpu"] * K
+
+    # DeepSpeed's own parser accepts it at its world size (it asserts the batch arithmetic).
+    from deepspeed.runtime import config as ds_config
+
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: K)
+    parsed = ds_config.DeepSpeedConfig(copy.deepcopy(run.deepspeed))
+    assert parsed.train_batch_size == run.batch.global_batch
+    assert parsed.optimizer_name == "SGD"
+    assert parsed.zero_optimization_stage == 0
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("resnet")], ids=lambda p: p.name)
+def test_file_name_says_model_method_H_K_T(path):
+    config = json.loads(path.read_text())
+    model, method, H, K, T = path.stem.split("_")
+    local = config["local_sgd"]
+    assert config["train"]["model"] == model
+    assert H == f"H{local['H']}" and K == f"K{local['K']}"
+    assert T == f"T{'none' if local['T'] is None else local['T']}"
+    assert config["train_batch_size"] == 32 * local["K"]  # 32 images per worker x K
+    if method.startswith("slowmo"):
+        assert method == f"slowmo-beta{local['slowmo']['beta']:g}" and local["T"] == 0
+    else:
+        assert "slowmo" not in local
+        expected_T = {"msgd": None, "local": 0}.get(method, local["T"])
+        assert local["T"] == expected_T and (method != "postlocal" or local["T"] >= 1)
+
+
+def test_the_committed_grid_is_complete():
+    names = {p.stem for p in CONFIGS}
+    for model in ("resnet50", "resnet101"):
+        for K in (16, 64):
+            assert f"{model}_msgd_H1_K{K}_Tnone" in names
+            for H in (2, 4, 8, 16, 32):
+                assert f"{model}_local_H{H}_K{K}_T0" in names
+            for H in (8, 16):
+                for T in (5, 30, 60):
+                    assert f"{model}_postlocal_H{H}_K{K}_T{T}" in names
+                assert any(
+                    n.startswith(f"{model}_slowmo-beta") and n.endswith(f"_H{H}_K{K}_T0") for n in names
+                )
+    assert {"cpu_msgd", "cpu_local", "cpu_postlocal", "cpu_slowmo"} <= names
+
+
+def test_generator_reproduces_the_committed_files():
+    assert make_configs.main(["--check"]) == 0
+    readme = (ROOT / "ds_configs" / "README.md").read_text()
+    assert "32 x 64 x 1 = 2048" in readme and "`resnet101_postlocal_H16_K64_T60.json`" in readme
+
+
+def test_generator_writes_any_point_on_demand(tmp_path):
+    assert (
+        make_configs.main(
+            [
+                "--model",
+                "resnet101",
+                "--method",
+                "postlocal",
+                "--H",
+                "4",
+                "--K",
+                "128",
+                "--T",
+                "30",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    config = json.loads((tmp_path / "resnet101_postlocal_H4_K128_T30.json").read_text())
+    run = RunConfig.from_dict(config, world_size=128)
+    assert (run.local_sgd.H, run.local_sgd.K, run.local_sgd.T) == (4, 128, 30)
+    assert run.batch.global_batch == 4096 and run.train.lr_schedule.peak_lr(4096) == pytest.approx(1.6)
+
+    points = make_configs.all_points(SWEEP)
+    assert len(points) == 2 * 6 * (1 + 5 + 5 * 3 + 5 * 3)  # models x K x (msgd, local, postlocal, slowmo)
+    with pytest.raises(SystemExit):
+        make_configs.main(
+            ["--model", "resnet50", "--method", "local", "--H", "1", "--K", "8", "--out", str(tmp_path)]
+        )
+
+
+def cpu_config() -> dict:
+    return json.loads((ROOT / "ds_configs" / "cpu_postlocal.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["train"].update(epochs=0), "train.epochs"),
+        (lambda c: c["train"].update(modle="resnet8"), r"unknown key\(s\) \['modle'\]"),
+        (lambda c: c["train"].update(model="vgg"), "train.model"),
+        (lambda c: c["train"]["lr_schedule"].update(decay="poly"), "train.lr_schedule.decay"),
+        (lambda c: c.update(scheduler={"type": "WarmupLR", "params": {}}), "scheduler"),
+        (lambda c: c["optimizer"]["params"].update(lr=0.1), "optimizer.params.lr"),
+        (lambda c: c.update(train_batch_size=100), "train_batch_size"),
+        (lambda c: c["local_sgd"].update(K=8), "local_sgd.K"),
+        (lambda c: c.update(zero_optimization={"stage": 1}), "zero_optimization.stage"),
+        (lambda c: c.update(bf16={"enabled": True}), "bf16.enabled"),
+        (lambda c: c.pop("optimizer"), "optimizer"),
+        (lambda c: c["train"].update(val_crop=64), "train.val_crop"),
+        (lambda c: c["train"].update(lr_schedule={"decay": "step", "milestones": [3, 9]}), "milestones"),
+    ],
+)
+def test_bad_configs_name_the_key(edit, message):
+    config = cpu_config()
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(config, world_size=2)
+
+
+def test_deepspeed_scheduler_is_the_other_home_of_the_lr():
+    config = cpu_config()
+    del config["train"]["lr_schedule"]
+    config["optimizer"]["params"]["lr"] = 0.05
+    config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
+    run = RunConfig.from_dict(config, world_size=2)
+    assert run.train.lr_schedule is None
+    assert run.resolved()["train"]["lr_schedule"] is None
+
+
+def test_resolved_config_fills_defaults_and_reloads():
+    config = cpu_config()
+    run = RunConfig.from_dict(config, world_size=2)
+    resolved = run.resolved()
+    assert resolved["local_sgd"]["K"] == 2 and resolved["local_sgd"]["slowmo"] is None
+    assert resolved["train"]["seed"] == 0 and resolved["train"]["lr_schedule"]["gamma"] == 0.1
+    assert RunConfig.from_dict(json.loads(json.dumps(resolved)), world_size=2) == run
+    assert run.method() == "postlocal"
