@@ -213,8 +213,9 @@ def check_deepspeed_settings(ds_config: Mapping[str, Any], local: LocalSGDConfig
         )
     if bf16_on:
         raise ConfigError(
-            "bf16.enabled = true cannot run local SGD: DeepSpeed's bf16 optimizer partitions the fp32 master "
-            "weights across data-parallel ranks like ZeRO-1, so no rank holds a whole local model. "
+            "bf16.enabled = true cannot run local SGD: DeepSpeed keeps bf16 weights with fp32 masters in a "
+            "wrapper optimizer that either all-reduces an overflow check over all ranks every step (stage 0) or "
+            "partitions the masters across ranks like ZeRO-1 (BF16_Optimizer); neither leaves a local model. "
             'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
         )
     return mode

@@ -172,6 +172,7 @@ class LocalSGD:
 
     def _engine_step(self, *args: Any, **kwargs: Any) -> Any:
         before = self.engine.global_steps
+        lr = float(self._optimizer.param_groups[0]["lr"])  # the lr this step uses (the scheduler moves it on)
         out = self._originals["step"](*args, **kwargs)
         if self.engine.global_steps == before:  # a micro-batch inside gradient accumulation
             return out
@@ -180,7 +181,7 @@ class LocalSGD:
         if was_local:
             self._steps_since_sync += 1
             if self.config.sync_due(self.step, self.steps_per_epoch):
-                self._sync(forced=False)
+                self._sync(forced=False, lr=lr)
         self._apply_phase()
         return out
 
@@ -232,7 +233,7 @@ class LocalSGD:
     # -- syncs -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _sync(self, *, forced: bool, model_only: bool = False) -> None:
+    def _sync(self, *, forced: bool, model_only: bool = False, lr: float | None = None) -> None:
         """Average parameters (then the SlowMo step), buffers and optimizer state as the config says;
         ``model_only`` skips SlowMo and the optimizer state (what ``averaged()`` needs)."""
         cfg = self.config
@@ -249,7 +250,8 @@ class LocalSGD:
             )
             if not model_only and cfg.slowmo is not None:
                 assert self._slow_anchor is not None and self._slow_momentum is not None
-                lr = float(self._optimizer.param_groups[0]["lr"])
+                if lr is None:
+                    lr = float(self._optimizer.param_groups[0]["lr"])
                 slowmo_step_(
                     self._params,
                     self._slow_anchor,

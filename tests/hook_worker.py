@@ -163,6 +163,15 @@ def clipping() -> dict:
     return local_run({"H": 2, "T": 1}, steps=6, spe=2, clip=0.05)
 
 
+def autocast_bf16() -> dict:
+    """torch_autocast: fp32 weights stepped by the optimizer, bf16 compute; local steps stay collective-free."""
+    engine = engine_for({"H": 2, "T": 0}, extra={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}})
+    hook = localsgd_ds.attach(engine, steps_per_epoch=4)
+    trace: list = []
+    train(engine, 4, hook=hook, trace=trace)
+    return {**state(engine), "trace": trace}
+
+
 CKPT_BLOCK = {"H": 4, "T": 1, "slowmo": {"beta": 0.5, "alpha": 1.0}}
 CKPT_SPE, CKPT_AT, CKPT_END = 3, 5, 10  # switch at step 3, syncs at 7 and 11: the save at 5 is mid-period
 

@@ -25,6 +25,7 @@ FIRST_LAUNCH = [
     "grad_accumulation",
     "clipping",
     "attach_errors",
+    "autocast_bf16",
     "ckpt_full",
     "ckpt_part1",
 ]
@@ -143,6 +144,14 @@ def test_gradient_clipping_is_local_in_the_local_phase(runs):
     # mSGD steps: the gradient all-reduce plus DeepSpeed's norm all-reduce; local steps: nothing
     assert [len(t["collectives"]) for t in trace] == [2, 2, 0, 3, 0, 3]
     assert_matches_reference(results, reference(2, 6, H=2, switch=2, clip=0.05))
+
+
+def test_autocast_bf16_averages_the_fp32_weights(runs):
+    results = per_rank(runs, "autocast_bf16")
+    assert [len(t["collectives"]) for t in results[0]["trace"]] == [0, 3, 0, 3]
+    for name, v in results[0]["model"].items():
+        assert v.dtype in (torch.float32, torch.int64), name
+        assert torch.equal(v, results[1]["model"][name]), f"{name} differs right after a sync"
 
 
 def test_attach_refuses_bad_setups_by_key(runs):
