@@ -51,6 +51,7 @@ def _mean_(t: torch.Tensor, world_size: int) -> None:
         t.copy_(torch.div(t, world_size, rounding_mode="floor"))
 
 
+@torch.no_grad()
 def _bucketed_(
     tensors: Sequence[torch.Tensor],
     collective: Callable[[torch.Tensor], None],
@@ -90,6 +91,7 @@ def _bucketed_(
     return sent
 
 
+@torch.no_grad()
 def average_(
     tensors: Sequence[torch.Tensor],
     *,
@@ -111,6 +113,60 @@ def average_(
         _mean_(t, world_size)
 
     return _bucketed_(tensors, mean_, bucket_bytes=bucket_bytes, scratch=scratch)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+@torch.no_grad()
+def flatten_(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Move ``params`` into one contiguous buffer per (dtype, device), in place: each parameter's ``.data``
+    becomes a view into its buffer (same shape, same strides, so channels_last stays channels_last).
+
+    Afterwards averaging the parameters is a few in-place collectives over the buffers: no copy in, no copy
+    out, no extra memory. Returns ``(buffers, leftovers)``: leftovers are tensors that are not dense
+    (they keep their own storage and go through the bucketed copy path).
+    """
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    leftovers = []
+    for p in params:
+        if _is_dense(p):
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        else:
+            leftovers.append(p)
+    buffers = []
+    for (dtype, device), group in groups.items():
+        flat = torch.empty(sum(p.numel() for p in group), dtype=dtype, device=device)
+        offset = 0
+        for p in group:
+            view = torch.as_strided(flat, p.shape, p.stride(), storage_offset=offset)
+            view.copy_(p.data)
+            p.data = view
+            offset += p.numel()
+        buffers.append(flat)
+    return buffers, leftovers
+
+
+@torch.no_grad()
+def average_flat_(
+    buffers: Sequence[torch.Tensor],
+    *,
+    world_size: int,
+    bucket_bytes: int,
+    group: dist.ProcessGroup | None = None,
+) -> int:
+    """Average contiguous buffers in place, one collective per chunk of at most ``bucket_bytes``."""
+    if world_size == 1:
+        return 0
+    sent = 0
+    for flat in buffers:
+        chunk = max(1, bucket_bytes // flat.element_size())
+        for piece in flat.split(chunk):
+            dist.all_reduce(piece, group=group)
+            _mean_(piece, world_size)
+        sent += flat.numel() * flat.element_size()
+    return sent
 
 
 def broadcast_(

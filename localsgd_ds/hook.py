@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd_ds.averaging import average_, broadcast_, slowmo_step_
+from localsgd_ds.averaging import average_, average_flat_, broadcast_, flatten_, slowmo_step_
 from localsgd_ds.config import ConfigError, LocalSGDConfig, check_deepspeed_settings
 
 log = logging.getLogger("localsgd_ds")
@@ -115,6 +115,9 @@ class LocalSGD:
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._buffers = list(engine.module.buffers())
         self._device = self._params[0].device if self._params else torch.device("cpu")
+        # The parameters become views into one flat buffer per dtype, so a sync all-reduces that buffer in
+        # place in bucket-sized chunks: no copy in or out, no extra memory (see averaging.flatten_).
+        self._flatten_params()
         self._slow_anchor: list[torch.Tensor] | None = None
         self._slow_momentum: list[torch.Tensor] | None = None
 
@@ -242,12 +245,7 @@ class LocalSGD:
         sent = 0
         stale = self.is_stale
         if stale:
-            sent += average_(
-                self._params,
-                world_size=self.world_size,
-                bucket_bytes=self._bucket_bytes,
-                scratch=self._scratch,
-            )
+            sent += self._average_params()
             if not model_only and cfg.slowmo is not None:
                 assert self._slow_anchor is not None and self._slow_momentum is not None
                 if lr is None:
@@ -269,6 +267,20 @@ class LocalSGD:
         self.stats.bytes += sent
         self.stats.syncs += 1
         self.stats.forced_syncs += int(forced)
+
+    def _average_params(self) -> int:
+        if [p.data_ptr() for p in self._params] != self._flat_ptrs:
+            # Someone re-pointed parameter storage after attach (e.g. model.to(memory_format=...)).
+            log.warning("local_sgd: parameters were moved after attach(); flattening them again")
+            self._flatten_params()
+        sent = average_flat_(self._flat, world_size=self.world_size, bucket_bytes=self._bucket_bytes)
+        return sent + average_(
+            self._loose, world_size=self.world_size, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+        )
+
+    def _flatten_params(self) -> None:
+        self._flat, self._loose = flatten_(self._params)
+        self._flat_ptrs = [p.data_ptr() for p in self._params]
 
     def _sync_buffers(self) -> int:
         if self.world_size == 1 or self.config.buffers == "local" or not self._buffers:

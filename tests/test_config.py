@@ -107,3 +107,24 @@ def test_buckets_are_bounded_and_split_by_dtype():
     shapes = [[t.numel() for t in b] for b in buckets]
     assert shapes == [[100], [10, 30], [20], [5]]  # the big one alone, at once; int64 apart
     assert all(len({t.dtype for t in b}) == 1 for b in buckets)
+
+
+def test_flatten_makes_parameters_views_of_one_buffer_and_keeps_layout():
+    from localsgd_ds.averaging import flatten_
+
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    lin = torch.nn.Linear(4, 2)
+    params = [conv.weight, conv.bias, lin.weight, lin.bias]
+    before = [p.detach().clone() for p in params]
+    strides = [p.stride() for p in params]
+    buffers, leftovers = flatten_(params)
+    assert len(buffers) == 1 and leftovers == []
+    assert buffers[0].numel() == sum(p.numel() for p in params)
+    for p, b, st in zip(params, before, strides):
+        assert torch.equal(p, b) and p.stride() == st  # same values, same (channels_last) layout
+        assert p.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
+    buffers[0].fill_(2.0)  # writing the buffer writes the parameters: averaging it in place is enough
+    assert all(bool((p == 2.0).all()) for p in params)
+    loss = conv(torch.randn(1, 3, 5, 5)).sum() + lin(torch.randn(1, 4)).sum()
+    loss.backward()  # autograd still works on the views
+    assert conv.weight.grad is not None and conv.weight.grad.shape == conv.weight.shape
