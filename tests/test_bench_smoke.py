@@ -1,0 +1,44 @@
+"""The measured benchmark runs end to end in its tiny mode (tiny model, 2 gloo ranks, a few steps) and
+writes its JSON, table and plot. Timing targets are not asserted: they mean nothing at this size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_comm.py"
+
+
+def test_bench_comm_tiny_emits_results(tmp_path):
+    subprocess.run([sys.executable, str(BENCH), "--tiny", "--out", str(tmp_path)], check=True, timeout=300)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"machine", "argv", "cases", "wall_s"} <= set(results)
+    (case,) = results["cases"]
+    assert case["model"] == "tiny" and case["workers"] == 2 and case["transport"] == "loopback"
+    for key in ("local_over_nocomm", "local_over_nocomm_cpu", "sync_over_raw", "peer_sync_over_raw", "by_H"):
+        assert key in case["ratios"], key
+    assert set(case["ratios"]["by_H"]) == {"1", "2"}
+    assert {"median", "min", "max"} <= set(case["ratios"]["by_H"]["2"]["ours_over_peer"])
+    steps = case["steps"]
+    for side in ("ours", "peer"):
+        for H in ("1", "2"):
+            assert {"step_s", "comm_s", "compute_s", "comm_share", "payload_bytes", "wire_bytes"} <= set(
+                steps[side][H]
+            )
+    assert steps["msgd"]["payload_bytes"] == case["param_bytes"]
+    assert steps["ours"]["2"]["payload_bytes"] == pytest.approx(case["sync_bytes"] / 2)
+    assert {
+        "ours_first_sync_extra_bytes",
+        "peer_sync_extra_bytes",
+        "ours_peak_with_sync_over_without",
+    } <= set(case["memory"])
+    assert {"rows", "median_abs_error", "max_abs_error", "link"} <= set(case["cost_model"])
+    # What the run checked about itself: no gradient all-reduce between syncs, identical after a sync.
+    assert all(case["checks"].values()), case["checks"]
+    assert (tmp_path / "table.md").read_text().startswith("# Communication benchmark")
+    assert (tmp_path / "plot.png").stat().st_size > 0
