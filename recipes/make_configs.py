@@ -200,13 +200,17 @@ def readme(points: list[Point], sweep: Mapping[str, Any]) -> str:
         lines.append(
             f"| `{p.name}.json` | {p.model} | {p.method} | {p.H} | {p.K} | {T} | {beta} | {micro * p.K * accum} |"
         )
+    cpu = sweep["cpu"]["base"]
+    cpu_lr = cpu["train"]["lr_schedule"]
     lines += [
         "",
         "## CPU configs",
         "",
-        '`cpu_*.json`: ResNet-8 on 32 px images, B = 32 per worker, K = "auto" (any number of workers),',
-        f"{sweep['cpu']['base']['train']['epochs']} epochs, lr = 0.1 x 32K / 64 with a 1-epoch warmup and a "
-        "cosine decay. `cpu_postlocal.json` is what `python recipes/quickstart.py` runs on 2 CPU workers.",
+        f"`cpu_*.json`: ResNet-8 on {cpu['train']['image_size']} px crops, "
+        f'B = {cpu["train_micro_batch_size_per_gpu"]} per worker, K = "auto" (any number of workers), '
+        f"{cpu['train']['epochs']} epochs, lr = {cpu_lr['base_lr']} x {cpu['train_micro_batch_size_per_gpu']}K / "
+        f"{cpu_lr['reference_batch']} with a {cpu_lr['warmup_epochs']}-epoch warmup and a {cpu_lr['decay']} decay.",
+        "`cpu_postlocal.json` is what `python recipes/quickstart.py` runs on 2 CPU workers.",
         "",
         "| file | H | T | SlowMo beta |",
         "| --- | ---: | ---: | ---: |",

@@ -137,7 +137,7 @@ def cpu_config() -> dict:
         (lambda c: c.update(bf16={"enabled": True}), "bf16.enabled"),
         (lambda c: c.pop("optimizer"), "optimizer"),
         (lambda c: c["train"].update(val_crop=64), "train.val_crop"),
-        (lambda c: c["train"].update(lr_schedule={"decay": "step", "milestones": [3, 9]}), "milestones"),
+        (lambda c: c["train"].update(lr_schedule={"decay": "step", "milestones": [3, 20]}), "milestones"),
     ],
 )
 def test_bad_configs_name_the_key(edit, message):

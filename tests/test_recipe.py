@@ -231,6 +231,49 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(reference, s
     ]
 
 
+def test_deepspeed_scheduler_section_drives_the_lr(shards, tmp_path):
+    """The other home of the learning rate: DeepSpeed's own scheduler section (here mSGD, one epoch)."""
+    config = json.loads((ROOT / "ds_configs" / "cpu_msgd.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 16
+    del config["train"]["lr_schedule"]
+    config["optimizer"]["params"]["lr"] = 0.05
+    config["scheduler"] = {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": 0.05,
+            "warmup_num_steps": 4,
+            "warmup_type": "linear",
+        },
+    }
+    config["train"].update(epochs=1, num_workers=0, log_every=1)
+    path = tmp_path / "warmup.json"
+    path.write_text(json.dumps(config))
+    returncode, log = launch(RECIPES / "train_imagenet.py", path, shards, tmp_path / "run")
+    assert returncode == 0, log[-6000:]
+    assert "lr from DeepSpeed's scheduler" in log
+    lrs = [e.value for e in events(tmp_path / "run").Scalars("train/lr")]
+    # After s optimizer steps DeepSpeed's WarmupLR (counting from -1) is at 0.05 x min((s - 1) / 4, 1).
+    assert lrs == pytest.approx([0.05 * min((s - 1) / 4, 1.0) for s in range(1, STEPS_PER_EPOCH + 1)])
+    assert metrics(tmp_path / "run")[0]["grad_allreduces"] == STEPS_PER_EPOCH
+
+
+def test_quickstart_table_reads_the_last_record_of_each_epoch(tmp_path):
+    import quickstart
+
+    records = [
+        {"epoch": 1, "phase": "msgd", "train_loss": 2.5, "top1": 10.0, "top5": 50.0, "train_s": 3.0, "comm_s": 0.5, "syncs": 1},
+        {"epoch": 1, "phase": "msgd", "train_loss": 2.25, "top1": 12.0, "top5": 52.0, "train_s": 3.5, "comm_s": 0.25, "syncs": 1},
+        {"epoch": 2, "phase": "local", "train_loss": 2.0, "top1": 20.0, "top5": 60.0, "train_s": 2.0, "comm_s": 0.125, "syncs": 12},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = quickstart.table(tmp_path).splitlines()
+    assert rows[2:] == [
+        "| 1 | msgd | 2.250 | 12.0 | 52.0 | 3.5 | 0.25 | 1 |",
+        "| 2 | local | 2.000 | 20.0 | 60.0 | 2.0 | 0.12 | 12 |",
+    ]
+
+
 # -- the pieces, in one process ----------------------------------------------------------------------------
 
 
