@@ -2,7 +2,7 @@
 
 Rank 0 writes everything into the output folder; on other ranks every call does nothing. TensorBoard's x
 axis is the optimizer step (after a resume, points past the checkpoint are purged, so curves never
-double). Scalars (``TAGS``): the train loss and lr every ``log_every`` steps; per epoch the train loss,
+double). Scalars (``TAGS``): rank 0's train loss and the lr every ``log_every`` steps; per epoch the train loss,
 top-1/top-5, images/s, the epoch's seconds split into compute, data wait and communication (gradient
 all-reduce in the mSGD phase, averaging in the local phase), syncs and bytes sent, and the phase, H, K
 and T. Also the resolved config as text, and the run's hyperparameters with its latest accuracy and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,6 @@ class EpochMeter:
     """Seconds waiting for the next batch."""
     train_seconds: float = 0.0
     """Wall seconds of the training loop (data wait + compute + communication)."""
-    window: list[float] = field(default_factory=lambda: [0.0, 0])
-    """Loss sum and micro-batch count since the last per-step TensorBoard point."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

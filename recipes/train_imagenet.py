@@ -105,18 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # Model, optimizer (DeepSpeed's, from the JSON), LR schedule, and the local SGD hook.
-    torch.manual_seed(cfg.seed)  # the same initial weights on every worker
-    model = build_model(cfg.model, num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
-    channels_last = cfg.channels_last and get_accelerator().device_name() == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    check_precision(run.deepspeed)
-    engine, _, _, lr_scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=model.parameters(),
-        config=run.deepspeed,
-        lr_scheduler=lr_schedule_factory(run, steps_per_epoch),
-    )
+    engine, lr_scheduler, channels_last = build_engine(run, num_classes, steps_per_epoch)
     local_sgd = localsgd_ds.attach(
         engine, steps_per_epoch=steps_per_epoch, allow_config_change=args.allow_config_change
     )
@@ -203,10 +192,9 @@ def train_one_epoch(
 ) -> bool:
     """Train the rest of one epoch (up to ``batches`` micro-batches); True if the ranks agreed to stop."""
     engine.train()
-    # Loss sums stay on the device (no sync per step), in float64: exact for float32 losses, so a sum
-    # split by a resume equals the uninterrupted one.
+    # The loss sum stays on the device (no sync per step), in float64: exact for float32 losses, so a
+    # sum split by a resume equals the uninterrupted one.
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    window = torch.zeros((), dtype=torch.float64, device=engine.device)
     accum = engine.gradient_accumulation_steps()
     batch_iter = stop.shielded(loader)  # the loader's worker processes start with SIGTERM blocked
     start = time.perf_counter()
@@ -222,18 +210,12 @@ def train_one_epoch(
             was_local, syncs = local_sgd.in_local_phase, local_sgd.stats.syncs
             engine.step()  # an optimizer step at every gradient accumulation boundary
             loss_sum += loss.detach()
-            window += loss.detach()
             meter.batches += 1
-            meter.window[1] += 1
             if meter.batches % accum:
                 continue
 
             if local_sgd.step % cfg.log_every == 0:
-                log.step(
-                    local_sgd.step, (meter.window[0] + window.item()) / meter.window[1], current_lr(engine)
-                )
-                window.zero_()
-                meter.window = [0.0, 0]
+                log.step(local_sgd.step, loss.item(), current_lr(engine))
             # The ranks meet after every mSGD step and every sync: only there do they agree to stop.
             if (not was_local or local_sgd.stats.syncs != syncs) and stop.agreed():
                 return True
@@ -242,7 +224,6 @@ def train_one_epoch(
         get_accelerator().synchronize()
         meter.train_seconds += time.perf_counter() - start
         meter.loss_sum += float(loss_sum)
-        meter.window[0] += float(window)
         batch_iter.close()
 
 
@@ -269,9 +250,9 @@ def evaluate(engine, run: RunConfig, location: str, channels_last: bool) -> tupl
         images, labels = to_device(images, labels, engine.device, channels_last)
         logits = engine(images)
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(labels.numel())]).to(
-            counts
-        )
+        counts[0] += hits[:, 0].sum()
+        counts[1] += hits.any(dim=1).sum()
+        counts[2] += labels.numel()
     dist.all_reduce(counts)
     top1, top5, total = counts.tolist()
     return 100.0 * top1 / total, 100.0 * top5 / total
@@ -335,6 +316,25 @@ def resume(engine, lr_scheduler, ckpt_dir: Path, tag: str) -> Progress:
     set_rng_state(mine["rng"])
     meter = None if mine["meter"] is None else EpochMeter.from_state(mine["meter"])
     return Progress(epoch=state["epoch"], meter=meter, minutes_before=state["minutes"])
+
+
+def build_engine(run: RunConfig, num_classes: int, steps_per_epoch: int):
+    """The DeepSpeed engine: the model on every worker with the same initial weights, DeepSpeed's
+    optimizer built from the JSON's ``optimizer`` section, and the LR schedule DeepSpeed steps."""
+    cfg = run.train
+    check_precision(run.deepspeed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
+    channels_last = cfg.channels_last and get_accelerator().device_name() == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    engine, _, _, lr_scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=run.deepspeed,
+        lr_scheduler=lr_schedule_factory(run, steps_per_epoch),
+    )
+    return engine, lr_scheduler, channels_last
 
 
 def lr_schedule_factory(run: RunConfig, steps_per_epoch: int):
