@@ -245,7 +245,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the H sweep")
     p.add_argument("--sync-rounds", type=int, default=30, help="rounds of sync vs raw all-reduce")
-    p.add_argument("--local-rounds", type=int, default=12, help="rounds of local step vs no-comm step")
+    p.add_argument("--local-rounds", type=int, default=20, help="rounds of local step vs no-comm step")
     p.add_argument(
         "--window", type=int, default=4, help="minimum steps per timed window (whole periods of H)"
     )

@@ -47,6 +47,7 @@ def windows(ranks: list[dict], get) -> list[dict]:
             {
                 "steps": ws[0]["steps"],
                 "seconds": max(w["seconds"] for w in ws),
+                "cpu_s": statistics.mean(w["cpu_s"] for w in ws),
                 "comm_s": min(w["comm_s"] for w in ws),
                 "bytes": ws[0]["bytes"],
             }
@@ -63,9 +64,11 @@ def per_step(ws: list[dict], workers: int) -> dict:
         "comm_s": summary(comm),
         "compute_s": summary([s - c for s, c in zip(step, comm)]),
         "comm_share": summary([c / s for s, c in zip(step, comm)]),
+        "cpu_s": summary([w["cpu_s"] / w["steps"] for w in ws]),
         "payload_bytes": payload,
         "wire_bytes": ring_allreduce_bytes(payload, workers),
         "_step": step,
+        "_cpu": [w["cpu_s"] / w["steps"] for w in ws],
     }
 
 
@@ -107,6 +110,7 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
         "local_over_nocomm_cpu": ratio(local_cpu, nocomm_cpu),
         "local_over_nocomm_of_minima": min(local) / min(nocomm),
         "sync_over_raw": ratio(sync, raw),
+        "sync_over_raw_of_minima": min(sync) / min(raw),
     }
     breakdown = r0.get("sync_breakdown")
     if breakdown is not None:
@@ -123,38 +127,65 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
         ratios["sync_over_peer_sync"] = ratio(sync, psync)
     # The H sweep.
     steps: dict = {"msgd": None, "ours": {}, "peer": {}}
+    per_round: dict = {}
     for i, entry in enumerate(r0["sweep"]):
+        if entry["side"] == "calibration":  # per round and size, the slowest rank's seconds
+            per_round["calibration"] = [
+                [
+                    (b, max(r["sweep"][i]["windows"][k]["seconds"][j] for r in ranks))
+                    for j, b in enumerate(c["bytes"])
+                ]
+                for k, c in enumerate(entry["windows"])
+            ]
+            continue
         data = per_step(windows(ranks, lambda r, i=i: r["sweep"][i]["windows"]), workers)
-        if entry["side"] == "msgd":
+        per_round[(entry["side"], entry["H"])] = data["_step"]
+        if entry["side"] == "nocomm":
+            case["sweep_nocomm_step_s"] = data["step_s"]
+        elif entry["side"] == "msgd":
             steps["msgd"] = data
         else:
             steps[entry["side"]][str(entry["H"])] = data
     msgd_step = steps["msgd"].pop("_step")
+    steps["msgd"].pop("_cpu")
+    # Step time at H is a local step plus a sync every H steps. Composing the two from their own, longer
+    # interleaved series gives the per-H comparison with the peer a much tighter spread than 5 windows.
+    composed = None
+    if "peer_local_window" in r0:
+        per_step_of = lambda side: [w["seconds"] / w["steps"] for w in windows(ranks, lambda r: r[side])]  # noqa: E731
+        lo, lp = per_step_of("local_window"), per_step_of("peer_local_window")
+        case["peer_local_step_s"] = summary(lp)
+        ratios["local_over_peer_local"] = ratio(lo, lp)
+        n = min(len(lo), len(sync))
+        composed = (lo[:n], lp[:n], sync[:n], slowest(ranks, "peer_sync_s")[:n])
     by_h: dict = {}
     for H, ours in steps["ours"].items():
-        ours_step = ours.pop("_step")
+        ours_step, ours_cpu = ours.pop("_step"), ours.pop("_cpu")
         by_h[H] = {"ours_over_msgd": ratio(ours_step, msgd_step)}
         if H in steps["peer"]:
-            peer_step = steps["peer"][H].pop("_step")
+            peer_step, peer_cpu = steps["peer"][H].pop("_step"), steps["peer"][H].pop("_cpu")
             by_h[H]["ours_over_peer"] = ratio(ours_step, peer_step)
+            by_h[H]["ours_over_peer_cpu"] = ratio(ours_cpu, peer_cpu)
+        if composed is not None:
+            lo, lp, so, sp = composed
+            h = int(H)
+            by_h[H]["ours_over_peer_composed"] = summary(
+                [(a + c / h) / (b + d / h) for a, b, c, d in zip(lo, lp, so, sp)]
+            )
     case["steps"], ratios["by_H"] = steps, by_h
     case["ratios"] = ratios
     case["checks"] = {
         "local_steps_leave_ranks_different": all(r["local_steps_rank_params_differ"] for r in ranks),
         **{k: all(r["checks"][k] for r in ranks) for k in r0["checks"]},
     }
+    calibration = per_round.pop("calibration")
     case["calibration"] = [
-        {
-            "bytes": c["bytes"],
-            "seconds": statistics.median(
-                max(r["calibration"][j]["seconds"][k] for r in ranks) for k in range(len(c["seconds"]))
-            ),
-        }
-        for j, c in enumerate(r0["calibration"])
+        {"bytes": b, "seconds": statistics.median(rnd[j][1] for rnd in calibration)}
+        for j, (b, _) in enumerate(calibration[0])
     ]
     if memory is not None:
         case["memory"] = memory_summary(memory)
-    case["cost_model"] = validate(case)
+    case["cost_model"] = validate(case, per_round, calibration)
     return case
 
 
@@ -179,36 +210,62 @@ def memory_summary(ranks: list[dict]) -> dict:
     return out
 
 
-def validate(case: dict) -> dict:
-    """Predict every measured step from the measured no-communication step and a link: calibrated from the
-    raw all-reduces (loopback), or the nominal tc rate with the fitted latency (veth + tc)."""
+def validate(case: dict, per_round: dict, calibration: list) -> dict:
+    """Predict each measured step of each sweep round from that round's no-communication step and a link
+    fitted to that round's raw all-reduces (loopback), or the nominal tc rate with the fitted latency
+    (veth + tc); the error of a row is the median over rounds of predicted / measured - 1."""
     workers = case["workers"]
-    fitted = fit_link([(c["bytes"], c["seconds"]) for c in case["calibration"]], workers)
-    link = fitted if case["link_gbit"] is None else Link(case["link_gbit"], fitted.latency_s)
-    work = Workload(
-        compute_s=case["nocomm_step_s"]["median"],
-        grad_bytes=case["param_bytes"],
-        sync_bytes=case["sync_bytes"],
-        batch_per_worker=case["batch"],
-    )
-    rows = [("msgd", None, case["steps"]["msgd"])] + [
-        ("ours", int(h), s) for h, s in sorted(case["steps"]["ours"].items(), key=lambda kv: int(kv[0]))
-    ]
-    out_rows = []
-    for side, H, measured in rows:
-        p = predict(work, workers=workers, link=link, H=H)
-        m = measured["step_s"]["median"]
-        out_rows.append(
-            {"side": side, "H": H, "measured_s": m, "predicted_s": p.step_s, "error": p.step_s / m - 1}
+    rows = [("msgd", None)] + [("ours", int(h)) for h in sorted(case["steps"]["ours"], key=int)]
+    errors: dict = {row: [] for row in rows}
+    predicted: dict = {row: [] for row in rows}
+    links = []
+    for k, samples in enumerate(calibration):
+        fitted = fit_link(samples, workers)
+        link = fitted if case["link_gbit"] is None else Link(case["link_gbit"], fitted.latency_s)
+        links.append(fitted)
+        work = Workload(
+            compute_s=per_round[("nocomm", None)][k],
+            grad_bytes=case["param_bytes"],
+            sync_bytes=case["sync_bytes"],
+            batch_per_worker=case["batch"],
         )
-    errors = [abs(r["error"]) for r in out_rows]
+        for side, H in rows:
+            p = predict(work, workers=workers, link=link, H=H).step_s
+            predicted[(side, H)].append(p)
+            errors[(side, H)].append(p / per_round[(side, H)][k] - 1)
+
+    def measured(side: str, H: int | None) -> float:
+        data = case["steps"]["msgd"] if side == "msgd" else case["steps"]["ours"][str(H)]
+        return data["step_s"]["median"]
+
+    out_rows = [
+        {
+            "side": side,
+            "H": H,
+            "measured_s": measured(side, H),
+            "predicted_s": statistics.median(predicted[(side, H)]),
+            "error": statistics.median(errors[(side, H)]),
+            "error_min": min(errors[(side, H)]),
+            "error_max": max(errors[(side, H)]),
+        }
+        for side, H in rows
+    ]
+    local = [abs(r["error"]) for r in out_rows if r["side"] == "ours"]
+    fitted_gbit = statistics.median(f.gbit_per_s for f in links)
+    fitted_latency = statistics.median(f.latency_s for f in links)
+    link_gbit = fitted_gbit if case["link_gbit"] is None else case["link_gbit"]
     return {
-        "link": {"gbit_per_s": link.gbit_per_s, "latency_s": link.latency_s},
-        "fitted_link": {"gbit_per_s": fitted.gbit_per_s, "latency_s": fitted.latency_s},
-        "bandwidth": "fitted to raw all-reduces" if case["link_gbit"] is None else "nominal tc rate",
+        "link": {"gbit_per_s": link_gbit, "latency_s": fitted_latency},
+        "fitted_link": {"gbit_per_s": fitted_gbit, "latency_s": fitted_latency},
+        "bandwidth": "fitted per round to raw all-reduces"
+        if case["link_gbit"] is None
+        else "nominal tc rate",
         "rows": out_rows,
-        "median_abs_error": statistics.median(errors),
-        "max_abs_error": max(errors),
+        "msgd_error": out_rows[0]["error"],
+        "local_median_abs_error": statistics.median(local) if local else None,
+        "local_max_abs_error": max(local) if local else None,
+        "median_abs_error": statistics.median(abs(r["error"]) for r in out_rows),
+        "max_abs_error": max(abs(r["error"]) for r in out_rows),
     }
 
 
@@ -257,7 +314,8 @@ def case_lines(case: dict) -> str:
         f"{_ms(case['local_step_s']['median'])} vs {_ms(case['nocomm_step_s']['median'])} ms; "
         f"CPU time {_r(r['local_over_nocomm_cpu'])}; fastest over fastest {r['local_over_nocomm_of_minima']:.3f})",
         f"{tag} sync / raw all-reduce of the same {case['sync_bytes'] / MB:.1f} MB: {_r(r['sync_over_raw'])} "
-        f"(target <= 1.10; {_ms(case['sync_s']['median'])} vs {_ms(case['raw_allreduce_s']['median'])} ms)",
+        f"(target <= 1.10; {_ms(case['sync_s']['median'])} vs {_ms(case['raw_allreduce_s']['median'])} ms; "
+        f"fastest over fastest {r['sync_over_raw_of_minima']:.3f})",
     ]
     if "sync_breakdown" in case:
         sb = case["sync_breakdown"]
@@ -272,10 +330,16 @@ def case_lines(case: dict) -> str:
             f"{tag} PyTorch averager / raw all-reduce: {_r(r['peer_sync_over_raw'])}; "
             f"our sync / PyTorch averager: {_r(r['sync_over_peer_sync'])}"
         )
+    if "local_over_peer_local" in r:
+        lines.append(
+            f"{tag} our local step / PyTorch's local step (DDP, no averaging): {_r(r['local_over_peer_local'])}"
+        )
     for H, d in sorted(r["by_H"].items(), key=lambda kv: int(kv[0])):
         if "ours_over_peer" in d:
             lines.append(
-                f"{tag} H={H}: our step / PyTorch post-local SGD step: {_r(d['ours_over_peer'])} (target <= 1.0)"
+                f"{tag} H={H}: our step / PyTorch post-local SGD step (target <= 1.0): windows "
+                f"{_r(d['ours_over_peer'])}; CPU time {_r(d['ours_over_peer_cpu'])}; local step + sync/H "
+                f"{_r(d['ours_over_peer_composed'])}"
             )
     if "memory" in case:
         m = case["memory"]
@@ -287,10 +351,15 @@ def case_lines(case: dict) -> str:
             f"PyTorch {m['peer_peak_with_sync_over_without']:.3f}"
         )
     v = case["cost_model"]
+    local = (
+        f"local SGD rows median |error| {v['local_median_abs_error']:.1%}, max {v['local_max_abs_error']:.1%}; "
+        if v["local_median_abs_error"] is not None
+        else ""
+    )
     lines.append(
         f"{tag} cost model ({v['bandwidth']}: {v['link']['gbit_per_s']:.2f} Gbit/s, "
-        f"{v['link']['latency_s'] * 1e6:.0f} us/hop): median |error| {v['median_abs_error']:.1%}, "
-        f"max {v['max_abs_error']:.1%}"
+        f"{v['link']['latency_s'] * 1e6:.0f} us/hop; compute = the no-communication step of the same round): "
+        f"{local}mSGD row error {v['msgd_error']:+.1%}"
     )
     checks = ", ".join(f"{k}={v}" for k, v in case["checks"].items())
     lines.append(f"{tag} checks: {checks}")
@@ -302,7 +371,7 @@ def case_table(case: dict) -> str:
     predicted = {(r["side"], r["H"]): r for r in case["cost_model"]["rows"]}
     lines = [
         "| method | H | step ms, median [min-max] | compute ms | comm ms | comm share | MB sent per step "
-        "(payload / ring wire) | ours / PyTorch | cost model ms (error) |",
+        "(payload / ring wire) | ours / PyTorch: windows / local step + sync/H | cost model ms (error) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
@@ -318,14 +387,10 @@ def case_table(case: dict) -> str:
 
     row("mSGD (plain DeepSpeed)", None, steps["msgd"], "", ("msgd", None))
     for H in sorted(steps["ours"], key=int):
-        vs = by_h[H].get("ours_over_peer")
-        row(
-            "local SGD (localsgd_ds)",
-            H,
-            steps["ours"][H],
-            f"{vs['median']:.3f}" if vs else "",
-            ("ours", int(H)),
-        )
+        vs, composed = by_h[H].get("ours_over_peer"), by_h[H].get("ours_over_peer_composed")
+        text = f"{vs['median']:.3f}" if vs else ""
+        text += f" / {composed['median']:.3f}" if composed else ""
+        row("local SGD (localsgd_ds)", H, steps["ours"][H], text, ("ours", int(H)))
         if H in steps["peer"]:
             row("local SGD (PyTorch post-local SGD)", H, steps["peer"][H], "", None)
     return "\n".join(lines)

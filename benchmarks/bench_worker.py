@@ -371,28 +371,30 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
 
     result["sync_breakdown"] = sync_breakdown(ours.hook, cfg["sync_rounds"])
 
-    # All-reduce of several sizes on the same group: calibrates the cost model's link.
-    calibration = []
-    for size in cfg["calibration_bytes"]:
-        t = torch.zeros(max(1, size // 4))
+    # All-reduce of several sizes on the same group: calibrates the cost model's link (once per sweep round).
+    calibration_tensors = [torch.zeros(max(1, size // 4)) for size in cfg["calibration_bytes"]]
+    for t in calibration_tensors:
         dist.all_reduce(t)
-        calibration.append(
-            {
-                "bytes": t.numel() * 4,
-                "seconds": [timed(lambda t=t: dist.all_reduce(t)) for _ in range(cfg["calibration_reps"])],
-            }
-        )
-    result["calibration"] = calibration
+
+    def calibrate() -> dict:
+        return {
+            "bytes": [t.numel() * 4 for t in calibration_tensors],
+            "seconds": [timed(lambda t=t: dist.all_reduce(t)) for t in calibration_tensors],
+        }
 
     # A local step vs a step of the same model in plain torch with no communication: both ranks run the
     # same phase at the same time, so both sides see the same load on the same cores.
+    # The peer's local step (no averager) joins in, for its side of the composed per-H comparison.
     ours.attach(NEVER)
-    rows = interleaved(
-        [lambda: window(ours, cfg["local_window"]), lambda: window(sides["nocomm"], cfg["local_window"])],
-        cfg["local_rounds"],
-    )
+    tasks = [lambda: window(ours, cfg["local_window"]), lambda: window(sides["nocomm"], cfg["local_window"])]
+    if cfg["peer"]:
+        sides["peer"].attach(NEVER)
+        tasks.append(lambda: window(sides["peer"], cfg["local_window"]))
+    rows = interleaved(tasks, cfg["local_rounds"])
     result["local_window"] = [r[0] for r in rows]
     result["nocomm_window"] = [r[1] for r in rows]
+    if cfg["peer"]:
+        result["peer_local_window"] = [r[2] for r in rows]
     result["local_steps_rank_params_differ"] = not params_identical_across_ranks(
         ours.engine.module.parameters()
     )
@@ -416,7 +418,14 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
 
         return run
 
-    tasks, labels = [lambda: window(sides["msgd"], cfg["window"])], [("msgd", None)]
+    # Each round also times a no-communication window and the calibration all-reduces, so the cost model
+    # is checked round by round against inputs measured under the same load.
+    tasks = [
+        lambda: window(sides["msgd"], cfg["window"]),
+        lambda: window(sides["nocomm"], cfg["window"]),
+        calibrate,
+    ]
+    labels = [("msgd", None), ("nocomm", None), ("calibration", None)]
     for H in cfg["hs"]:
         tasks.append(h_window(ours, H))
         labels.append(("ours", H))

@@ -20,10 +20,18 @@ def test_bench_comm_tiny_emits_results(tmp_path):
     assert {"machine", "argv", "cases", "wall_s"} <= set(results)
     (case,) = results["cases"]
     assert case["model"] == "tiny" and case["workers"] == 2 and case["transport"] == "loopback"
-    for key in ("local_over_nocomm", "local_over_nocomm_cpu", "sync_over_raw", "peer_sync_over_raw", "by_H"):
+    for key in (
+        "local_over_nocomm",
+        "local_over_nocomm_cpu",
+        "local_over_peer_local",
+        "sync_over_raw",
+        "peer_sync_over_raw",
+        "by_H",
+    ):
         assert key in case["ratios"], key
     assert set(case["ratios"]["by_H"]) == {"1", "2"}
-    assert {"median", "min", "max"} <= set(case["ratios"]["by_H"]["2"]["ours_over_peer"])
+    for key in ("ours_over_peer", "ours_over_peer_cpu", "ours_over_peer_composed", "ours_over_msgd"):
+        assert {"median", "min", "max"} <= set(case["ratios"]["by_H"]["2"][key]), key
     steps = case["steps"]
     for side in ("ours", "peer"):
         for H in ("1", "2"):
@@ -37,7 +45,8 @@ def test_bench_comm_tiny_emits_results(tmp_path):
         "peer_sync_extra_bytes",
         "ours_peak_with_sync_over_without",
     } <= set(case["memory"])
-    assert {"rows", "median_abs_error", "max_abs_error", "link"} <= set(case["cost_model"])
+    assert {"rows", "msgd_error", "local_median_abs_error", "link"} <= set(case["cost_model"])
+    assert len(case["cost_model"]["rows"]) == 3  # mSGD and H in {1, 2}
     # What the run checked about itself: no gradient all-reduce between syncs, identical after a sync.
     assert all(case["checks"].values()), case["checks"]
     assert (tmp_path / "table.md").read_text().startswith("# Communication benchmark")
