@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,8 +71,12 @@ def free_port() -> int:
 def launch(script: Path, config: Path, data: str, out: Path, *extra: str, timeout: float = 300):
     """``deepspeed --num_gpus 2 script ...`` in its own process group; waits for every process in it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = (
+        ["deepspeed"] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    )
     command = [
-        *("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script)),
+        *launcher,
+        *("--num_gpus", "2", "--master_port", str(free_port()), str(script)),
         *("--deepspeed_config", str(config), "--data", data, "--output-dir", str(out), *extra),
     ]
     log = out.with_suffix(".log")
