@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_prep.layout import SourceDataset, SourceSample, SourceSplit, discover
 
@@ -203,6 +203,8 @@ def prepare_image(data: bytes, settings: ShardSettings) -> tuple[bytes, bool]:
             im = im.resize(size, Image.BICUBIC, reducing_gap=3.0)
         else:
             im.load()
+    except UnidentifiedImageError:
+        raise BadImageError("not an image PIL can read (unrecognized format)") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise BadImageError(f"{type(exc).__name__}: {exc}") from exc
     if im.mode not in ("RGB", "L"):
@@ -390,6 +392,7 @@ def _shard_split(
         desc=f"{split.name}: {len(tasks)} shards",
         disable=not progress,
         dynamic_ncols=True,
+        mininterval=1.0,  # fewer lines in job logs, where stderr is not a terminal
     )
     bar.update(sum(len(tasks[i].samples) for i in records))
     bar.set_postfix(reused=reused, written=0)
@@ -434,8 +437,9 @@ def _shard_split(
     }
     s3.put_bytes(json.dumps(manifest, indent=1).encode(), manifest_url)
     # Tidy up: the records, and shards of an earlier, larger plan that the manifest no longer lists.
-    for task in tasks:
-        s3.delete(task.record_url)
+    # (Everything under _work goes, including a record a killed run left half-written.)
+    for name in s3.list_names(work_url):
+        s3.delete(s3.join(work_url, name))
     if s3.parse(work_url).kind == "local":
         with contextlib.suppress(OSError):
             os.rmdir(s3.parse(work_url).url)

@@ -294,14 +294,44 @@ def decode_val(jpeg: bytes, resize: int, crop: int) -> np.ndarray:
 
 _MEAN255 = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
 _INV_STD255 = 1.0 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+_SHIFT = -_MEAN255 * _INV_STD255  # (x - mean) / std == x * (1 / std) + (-mean / std)
 
 
-def normalize(images: list[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 images -> float32 [B, 3, H, W], contiguous, normalized with ImageNet mean/std."""
-    batch = torch.from_numpy(np.stack(images))
-    out = torch.empty((batch.shape[0], 3, batch.shape[1], batch.shape[2]), dtype=torch.float32)
-    out.copy_(batch.permute(0, 3, 1, 2))
-    return out.sub_(_MEAN255).mul_(_INV_STD255)
+class _Batch:
+    """Decoded images written straight into a uint8 [B, 3, S, S] array: what workers send (a quarter
+    of the float bytes; the float conversion happens in the loader's own thread, see ShardLoader)."""
+
+    def __init__(self, capacity: int, size: int):
+        self.pixels = np.empty((capacity, 3, size, size), dtype=np.uint8)
+        self.labels: list[int] = []
+        self.keys: list[str] = []
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, image: np.ndarray, label: int, key: str) -> None:
+        self.pixels[len(self.labels)] = image.transpose(2, 0, 1)
+        self.labels.append(label)
+        self.keys.append(key)
+
+    def message(self, index: int, with_keys: bool) -> tuple:
+        """(batch index, uint8 images, int64 labels, keys or None, keys of corrupt samples skipped)."""
+        n = len(self.labels)
+        return (
+            index,
+            torch.from_numpy(self.pixels[:n]),
+            torch.tensor(self.labels, dtype=torch.int64),
+            tuple(self.keys) if with_keys else None,
+            self.skipped,
+        )
+
+
+def normalize(batch: torch.Tensor, pin_memory: bool = False) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W], normalized with ImageNet mean/std."""
+    out = torch.empty(batch.shape, dtype=torch.float32, pin_memory=pin_memory)
+    out.copy_(batch)
+    return out.mul_(_INV_STD255).add_(_SHIFT)
 
 
 # ============================================================================================ reading
@@ -381,8 +411,9 @@ class _Failure:
         self.exc = exc
 
 
-def _prefetch(items: Iterator, depth: int) -> Iterator:
-    """Run ``items`` in a thread, ``depth`` ahead, so that object-store reads overlap decoding."""
+def _prefetch(items: Iterator, depth: int, join_timeout: float = 0.0) -> Iterator:
+    """Run ``items`` in a thread, ``depth`` ahead (object-store reads overlap decoding; float
+    conversion overlaps training). Closing the generator stops the thread, waiting up to ``join_timeout``."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
@@ -416,6 +447,8 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        if join_timeout:
+            thread.join(join_timeout)
 
 
 def _read_pieces(manifest: Manifest, pieces: list[Piece]) -> Iterator[RawSample]:
@@ -526,22 +559,15 @@ class _TrainStream(IterableDataset):
                 for q in owed:
                     yield last, decode_train(last.jpeg, self._rng(worker, q), self.image_size)
 
-        images, labels, keys = [], [], []
+        batch = _Batch(bs, self.image_size)
         k = first_batch
         for sample, image in decoded():
-            images.append(image)
-            labels.append(sample.label)
-            keys.append(sample.key)
-            if len(images) == bs:
-                yield (
-                    k * self.num_workers + worker,
-                    normalize(images),
-                    torch.tensor(labels, dtype=torch.int64),
-                    tuple(keys) if self.with_keys else None,
-                    skipped[:],
-                )
+            batch.add(image, sample.label, sample.key)
+            if len(batch) == bs:
+                batch.skipped = skipped[:]
                 skipped.clear()
-                images, labels, keys = [], [], []
+                yield batch.message(k * self.num_workers + worker, self.with_keys)
+                batch = _Batch(bs, self.image_size)
                 k += 1
         if k != nbatches:
             raise RuntimeError(f"worker {worker} of rank {self.rank} produced {k} of {nbatches} batches")
@@ -573,37 +599,23 @@ class _ValStream(IterableDataset):
         lo, hi = self.worker_range(worker)
         counts = self.manifest.shard_counts
         pieces = stream_pieces(counts, list(range(len(counts))), 0, lo, hi)
-        images, labels, keys, skipped = [], [], [], []
+        batch = _Batch(self.batch_size, self.crop)
         k = 0
         for sample in _prefetch(_read_pieces(self.manifest, pieces), depth=4 * self.batch_size):
             try:
                 if sample.jpeg is None:
                     raise ValueError(sample.error)
-                images.append(decode_val(sample.jpeg, self.resize, self.crop))
+                image = decode_val(sample.jpeg, self.resize, self.crop)
             except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt sample
-                skipped.append(_log_skip(sample, f"{type(exc).__name__}: {exc}"))
+                batch.skipped.append(_log_skip(sample, f"{type(exc).__name__}: {exc}"))
                 continue
-            labels.append(sample.label)
-            keys.append(sample.key)
-            if len(images) == self.batch_size:
-                yield (
-                    k,
-                    normalize(images),
-                    torch.tensor(labels),
-                    tuple(keys) if self.with_keys else None,
-                    skipped[:],
-                )
-                images, labels, keys, skipped = [], [], [], []
+            batch.add(image, sample.label, sample.key)
+            if len(batch) == self.batch_size:
+                yield batch.message(k, self.with_keys)
+                batch = _Batch(self.batch_size, self.crop)
                 k += 1
-        if images or skipped:
-            batch = normalize(images) if images else torch.empty((0, 3, self.crop, self.crop))
-            yield (
-                k,
-                batch,
-                torch.tensor(labels, dtype=torch.int64),
-                tuple(keys) if self.with_keys else None,
-                skipped,
-            )
+        if len(batch) or batch.skipped:
+            yield batch.message(k, self.with_keys)
 
 
 # ============================================================================================ loaders
@@ -646,26 +658,35 @@ class ShardLoader:
             num_workers=self.num_workers,
             collate_fn=_identity,
             worker_init_fn=_init_worker,
-            pin_memory=self.pin_memory,
             prefetch_factor=2 if self.num_workers else None,
         )
         batches = iter(loader)
+        # Workers send uint8 batches; a thread of this process converts them to normalized float32
+        # (torch ops release the GIL): moving float batches through fresh shared memory cost workers
+        # about 4x the conversion itself, and the conversion stays off the training thread.
+        ready = _prefetch(self._normalized(batches), depth=2, join_timeout=30.0)
         try:
-            yield from self._batches(batches)
+            yield from ready
         finally:
+            ready.close()
             # Stop the workers now, not when the garbage collector gets to the iterator: after a worker
             # raised, that takes DataLoader 5 s per worker (join timeouts). A deliberate private call.
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
 
-    def _batches(self, batches):
+    def _normalized(self, batches):
         with_keys = self.dataset.with_keys
+        for images, labels, keys in self._ordered(batches):
+            images = normalize(images, self.pin_memory)
+            yield (images, labels, keys) if with_keys else (images, labels)
+
+    def _ordered(self, batches):
         if not self.exact:
             for _, images, labels, keys, skipped in batches:
                 self.skipped_keys += skipped
                 if len(labels):
-                    yield (images, labels, keys) if with_keys else (images, labels)
+                    yield images, labels, keys
             return
         # Training: yield batches in rank order. DataLoader already returns workers' batches round-robin;
         # the index check makes the order (and the count) a guarantee rather than an assumption.
@@ -675,8 +696,7 @@ class ShardLoader:
             self.skipped_keys += skipped
             pending[index] = (images, labels, keys)
             while expected in pending:
-                images, labels, keys = pending.pop(expected)
-                yield (images, labels, keys) if with_keys else (images, labels)
+                yield pending.pop(expected)
                 expected += 1
         if expected - first != self.length or pending:
             raise RuntimeError(f"train loader produced {expected - first} batches, expected {self.length}")

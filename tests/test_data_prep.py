@@ -279,6 +279,7 @@ def test_bad_inputs_are_skipped_and_reported_and_strict_stops(tmp_path, digits):
     skipped = {Path(p).name: reason for p, reason in manifest["skipped"]}
     assert set(skipped) == {edge["truncated"].name, edge["garbage"].name}
     assert "truncated" in skipped[edge["truncated"].name]
+    assert "unrecognized format" in skipped[edge["garbage"].name]
     assert str(edge["truncated"]) in out.stdout + out.stderr  # reported by path
     assert "2 unreadable skipped, 1 re-encoded" in out.stdout
     assert manifest["num_samples"] == 36 + 3
@@ -349,6 +350,9 @@ def test_resume_after_sigkill_local(tmp_path):
         for p in visible
         if (work / (p.name + ".json")).exists()
     }
+    # What a kill at another instant leaves: half-written files under hidden temporary names.
+    (out / "train" / ".train-000299.tar.partial-1").write_bytes(b"half a shard")
+    (work / ".train-000299.tar.json.partial-1").write_text("{")
     report = shard_dataset(src, out, samples_per_shard=2, splits=("train",), progress=False)
     result = report.splits["train"]
     assert result.reused == len(before) >= 5 and result.written == 300 - len(before)
