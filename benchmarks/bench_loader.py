@@ -1,0 +1,187 @@
+"""Loader throughput: streaming shards from a local S3 server vs. the same shards on local disk vs. a
+bare decode + augment loop on the same cores (the ceiling of any CPU input pipeline).
+
+Three sides, measured interleaved (S3, disk, bare; S3, disk, bare; ...) for ``--rounds`` rounds so
+that the noise of a shared machine hits all sides alike; the ratios are computed per round and
+reported as median and spread (min..max):
+
+- ``s3``:    ``localsgd_ds.data.train_loader("s3://...")`` with 2 DataLoader worker processes, from
+             SeaweedFS ``weed mini`` on 127.0.0.1 (the server shares the same cores);
+- ``disk``:  the same loader, the same shard files, from a local folder;
+- ``bare``:  2 processes running ``decode_train`` (PIL decode + RandomResizedCrop 224 + flip) over the
+             same JPEG bytes held in memory: no tar, no I/O, no batching or normalization.
+
+Images are ImageNet-sized JPEGs (500x375, about 95 KB, quality 90) cut from real photos shipped with
+scikit-learn (``data_prep.synthetic.make_photo_imagefolder``), sharded with data_prep. Loader
+throughput is steady state: from the moment every worker has delivered its first batch to the last
+batch (start-up, i.e. forking workers and filling the first shuffle block, is printed separately).
+
+Run (needs the test extra for ``weed``; about 2 minutes on 2 cores)::
+
+    python benchmarks/bench_loader.py --images 1024 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the S3 test server helper
+
+
+def loader_pass(location: str, epoch: int, args) -> tuple[float, float, int]:
+    """(steady images/s, start-up seconds, images) of one epoch of the train loader."""
+    from localsgd_ds.data import train_loader
+
+    loader = train_loader(
+        location,
+        batch_size=args.batch_size,
+        rank=0,
+        world_size=1,
+        epoch=epoch,
+        image_size=args.image_size,
+        num_workers=args.workers,
+        shuffle_block=args.shuffle_block,
+    )
+    start = time.perf_counter()
+    stamps, images = [], 0
+    for _, labels in loader:
+        stamps.append(time.perf_counter())
+        images += len(labels)
+    warm = args.workers  # the first batch of every worker marks the end of start-up
+    steady = (images - warm * args.batch_size) / (stamps[-1] - stamps[warm - 1])
+    return steady, stamps[warm - 1] - start, images
+
+
+def _bare_worker(jpegs: list[bytes], size: int, seed: int, barrier, results) -> None:
+    import numpy as np
+    import torch
+
+    from localsgd_ds.data import decode_train
+
+    torch.set_num_threads(1)
+    barrier.wait()
+    start = time.perf_counter()
+    for i, jpeg in enumerate(jpegs):
+        decode_train(jpeg, np.random.default_rng([seed, i]), size)
+    results.put((start, time.perf_counter(), len(jpegs)))
+
+
+def bare_pass(jpegs: list[bytes], epoch: int, args) -> float:
+    """Images/s of ``args.workers`` processes decoding and augmenting their share of ``jpegs``."""
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(args.workers), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_bare_worker, args=(jpegs[w :: args.workers], args.image_size, epoch, barrier, results)
+        )
+        for w in range(args.workers)
+    ]
+    for p in procs:
+        p.start()
+    spans = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(n for _, _, n in spans) / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=1024, help="training images (default 1024)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=2, help="loader / bare-loop processes (default 2)")
+    parser.add_argument("--samples-per-shard", type=int, default=64)
+    parser.add_argument("--shuffle-block", type=int, default=256)
+    args = parser.parse_args()
+
+    import PIL
+    import torch
+    from s3_server import S3Server
+
+    from data_prep.shard import shard_dataset
+    from data_prep.synthetic import make_photo_imagefolder
+
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp, S3Server(bucket="bench") as server:
+        os.environ.update(server.env())
+        per_class = -(-args.images // 10)
+        src = make_photo_imagefolder(
+            Path(tmp) / "src", num_classes=10, train_per_class=per_class, val_per_class=1
+        )
+        files = sorted((src / "train").glob("*/*.JPEG"))
+        jpegs = [p.read_bytes() for p in files]
+        local = str(Path(tmp) / "shards")
+        manifest = shard_dataset(
+            src, local, samples_per_shard=args.samples_per_shard, splits=("train",), progress=False
+        )
+        remote = "s3://bench/photos"
+        shard_dataset(
+            src, remote, samples_per_shard=args.samples_per_shard, splits=("train",), progress=False
+        )
+        m = manifest.splits["train"].manifest
+
+        print(
+            f"bench_loader: {m['num_samples']} images (500x375 JPEG, {statistics.mean(map(len, jpegs)) / 1e3:.0f} KB mean, "
+            f"real photos), {m['num_shards']} shards of {args.samples_per_shard} ({m['num_bytes'] / 1e6:.0f} MB); "
+            f"batch {args.batch_size}, {args.image_size} px, {args.workers} processes per side, shuffle block "
+            f"{args.shuffle_block}"
+        )
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if line.startswith("model name")
+            ),
+            "?",
+        )
+        print(
+            f"machine: {os.cpu_count()} cores ({cpu}), shared with other jobs (noisy); python {platform.python_version()}, "
+            f"torch {torch.__version__}, pillow {PIL.__version__}; S3 = SeaweedFS weed mini on 127.0.0.1 "
+            "(on the same cores)"
+        )
+        print(
+            f"{'round':>5} {'s3 img/s':>9} {'disk img/s':>10} {'bare img/s':>10} {'s3/disk':>8} {'s3/bare':>8} {'disk/bare':>9}"
+        )
+        rows = []
+        startup = {"s3": [], "disk": []}
+        for r in range(args.rounds):
+            s3_rate, s3_start, n = loader_pass(remote, r, args)
+            disk_rate, disk_start, _ = loader_pass(local, r, args)
+            bare_rate = bare_pass(jpegs[:n], r, args)
+            startup["s3"].append(s3_start)
+            startup["disk"].append(disk_start)
+            rows.append((s3_rate, disk_rate, bare_rate))
+            print(
+                f"{r + 1:>5} {s3_rate:>9.0f} {disk_rate:>10.0f} {bare_rate:>10.0f} {s3_rate / disk_rate:>8.2f} "
+                f"{s3_rate / bare_rate:>8.2f} {disk_rate / bare_rate:>9.2f}"
+            )
+        s3_r, disk_r, bare_r = zip(*rows, strict=True)
+        print(f"median (min..max) over {args.rounds} rounds:")
+        print(f"  s3 {spread(s3_r)} img/s, disk {spread(disk_r)} img/s, bare {spread(bare_r)} img/s")
+        print(f"  s3/disk   = {spread([a / b for a, b, _ in rows], '{:.2f}')}   (target >= 0.90)")
+        print(f"  s3/bare   = {spread([a / c for a, _, c in rows], '{:.2f}')}   (target >= 0.85)")
+        print(f"  disk/bare = {spread([b / c for _, b, c in rows], '{:.2f}')}")
+        print(
+            f"  start-up to the first batch of every worker: s3 {spread(startup['s3'], '{:.2f}')} s, "
+            f"disk {spread(startup['disk'], '{:.2f}')} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
