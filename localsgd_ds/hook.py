@@ -43,7 +43,8 @@ class CommStats:
     all-reduce moves 2(K-1)/K times that over the wire per worker."""
 
     syncs: int = 0
-    """Averagings of the workers' state (scheduled, forced by ``sync()``, and for ``averaged()``)."""
+    """Averagings of the workers' parameters (scheduled, forced by ``sync()``, and for ``averaged()``).
+    Buffer-only averagings (mSGD phase, parameters already identical) count in bytes and seconds only."""
     forced_syncs: int = 0
     """Of those, the ones asked for outside the H schedule (evaluation, checkpoint, end of training)."""
     bytes: int = 0
@@ -265,8 +266,8 @@ class LocalSGD:
         _device_synchronize(self._device)
         self.stats.seconds += time.perf_counter() - start
         self.stats.bytes += sent
-        self.stats.syncs += 1
-        self.stats.forced_syncs += int(forced)
+        self.stats.syncs += int(stale)
+        self.stats.forced_syncs += int(stale and forced)
 
     def _average_params(self) -> int:
         if [p.data_ptr() for p in self._params] != self._flat_ptrs:
