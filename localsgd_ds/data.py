@@ -475,8 +475,21 @@ def _log_skip(sample: RawSample, reason: str) -> str:
 class _TrainStream(IterableDataset):
     """One rank's training batches for one epoch; each DataLoader worker produces its own share."""
 
-    def __init__(self, manifest: Manifest, *, batch_size, rank, world_size, epoch, seed, image_size, num_workers,
-                 skip_batches, shuffle_block, with_keys):  # fmt: skip
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+        image_size: int,
+        num_workers: int,
+        skip_batches: int,
+        shuffle_block: int,
+        with_keys: bool,
+    ):
         self.manifest = manifest
         self.batch_size = batch_size
         self.rank = rank
@@ -576,7 +589,18 @@ class _TrainStream(IterableDataset):
 class _ValStream(IterableDataset):
     """A rank's contiguous share of the validation stream; workers split it further. No shuffling."""
 
-    def __init__(self, manifest: Manifest, *, batch_size, rank, world_size, resize, crop, num_workers, with_keys):  # fmt: skip
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        resize: int,
+        crop: int,
+        num_workers: int,
+        with_keys: bool,
+    ):
         self.manifest = manifest
         self.batch_size = batch_size
         self.resize = resize

@@ -202,6 +202,29 @@ def test_train_epoch_is_an_exact_deterministic_partition(local_shards):
     assert -1.5 < images.mean() < 1.5 and 0.3 < images.std() < 2.0
 
 
+def test_one_shard_feeds_64_ranks_equally(local_shards, tmp_path):
+    src = Path(local_shards).parent / "src"
+    one = tmp_path / "one"
+    shard_dataset(src, one, samples_per_shard=10_000, splits=("train",), progress=False)
+    assert len(read_manifest(str(one), "train").shards) == 1
+    keys = []
+    for rank in range(64):
+        loader = train_loader(
+            str(one),
+            batch_size=3,
+            rank=rank,
+            world_size=64,
+            epoch=0,
+            image_size=16,
+            num_workers=0,
+            with_keys=True,
+        )
+        batches = all_batches(loader)
+        assert len(batches) == len(loader) == 1  # 200 // (64 x 3)
+        keys += batches[0][2]
+    assert len(keys) == len(set(keys)) == 192
+
+
 def test_train_loader_is_reproducible_and_resumes_exactly(local_shards):
     kw = dict(
         batch_size=8,
