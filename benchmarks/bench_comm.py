@@ -276,6 +276,10 @@ def parse_args(argv=None):
         args.models, args.workers, args.hs, args.no_peer, args.no_memory = ["resnet18"], [2], [], True, True
     if args.compute_only and args.image_size == 32:
         args.image_size = 224
+    if args.device != "cpu" and not args.compute_only:
+        p.error(
+            "the gloo runs are CPU only; on a GPU use --compute-only (one process, compute time per step)"
+        )
     return args
 
 
@@ -301,6 +305,7 @@ def main(argv=None) -> dict:
             )
             raw = json.loads(Path(cfg["out_dir"], "rank0.json").read_text())
             results["cases"].append(bench_report.compute_case(cfg, raw))
+            print(bench_report.case_lines(results["cases"][-1]), flush=True)
     else:
         plan = []
         if not args.link_only:

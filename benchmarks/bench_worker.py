@@ -239,6 +239,34 @@ def window(side, steps: int) -> dict:
     }
 
 
+def paired(sides: list, steps: int, flip: bool = False) -> list[dict]:
+    """Step several sides in turn, one step each, ``steps`` times after one barrier, and time each side's
+    steps on their own: both see the machine's load of the same moment. ``flip`` reverses the turn order
+    (use it every other round). Returns one window per side, in the order given."""
+    order = list(range(len(sides)))
+    if flip:
+        order.reverse()
+    before = [(s.comm_s, s.comm_bytes) for s in sides]
+    seconds, cpu = [0.0] * len(sides), [0.0] * len(sides)
+    dist.barrier()
+    for _ in range(steps):
+        for i in order:
+            c, t = time.process_time(), time.perf_counter()
+            sides[i].step()
+            seconds[i] += time.perf_counter() - t
+            cpu[i] += time.process_time() - c
+    return [
+        {
+            "steps": steps,
+            "seconds": seconds[i],
+            "cpu_s": cpu[i],
+            "comm_s": s.comm_s - before[i][0],
+            "bytes": s.comm_bytes - before[i][1],
+        }
+        for i, s in enumerate(sides)
+    ]
+
+
 def timed(fn) -> float:
     dist.barrier()
     start = time.perf_counter()
@@ -347,21 +375,21 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
     result["sync_bytes"] = sync_bytes
 
     # Sync vs one raw all-reduce of the same bytes (and the peer's averaging vs the same for its bytes).
-    def our_sync() -> float:
-        ours.step()  # untimed: the parameters must differ for the sync to average them
-        return timed(ours.hook.sync)
+    # Each timed collective follows the same untimed local step (a sync needs one to have something to
+    # average), so both sides start from the same state of caches and of the scheduler.
+    def after_step(side, fn):
+        def run() -> float:
+            side.step()
+            return timed(fn)
 
-    tasks = [our_sync, lambda: timed(lambda: dist.all_reduce(raw))]
+        return run
+
+    tasks = [after_step(ours, ours.hook.sync), after_step(ours, lambda: dist.all_reduce(raw))]
     if cfg["peer"]:
         peer = sides["peer"]
         peer.attach(NEVER)
         raw_peer = torch.zeros(peer.param_bytes // 4)
-
-        def peer_sync() -> float:
-            peer.step()
-            return timed(peer.average_now)
-
-        tasks += [peer_sync, lambda: timed(lambda: dist.all_reduce(raw_peer))]
+        tasks += [after_step(peer, peer.average_now), after_step(peer, lambda: dist.all_reduce(raw_peer))]
     rows = interleaved(tasks, cfg["sync_rounds"])
     result["sync_s"] = [r[0] for r in rows]
     result["raw_allreduce_s"] = [r[1] for r in rows]
@@ -382,15 +410,15 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
             "seconds": [timed(lambda t=t: dist.all_reduce(t)) for t in calibration_tensors],
         }
 
-    # A local step vs a step of the same model in plain torch with no communication: both ranks run the
-    # same phase at the same time, so both sides see the same load on the same cores.
-    # The peer's local step (no averager) joins in, for its side of the composed per-H comparison.
+    # A local step vs a step of the same model in plain torch with no communication (and PyTorch's local
+    # step, for the composed per-H comparison), stepped in turn in the same processes: each pair of steps
+    # sees the same load on the same core.
     ours.attach(NEVER)
-    tasks = [lambda: window(ours, cfg["local_window"]), lambda: window(sides["nocomm"], cfg["local_window"])]
+    local_sides = [ours, sides["nocomm"]]
     if cfg["peer"]:
         sides["peer"].attach(NEVER)
-        tasks.append(lambda: window(sides["peer"], cfg["local_window"]))
-    rows = interleaved(tasks, cfg["local_rounds"])
+        local_sides.append(sides["peer"])
+    rows = [paired(local_sides, cfg["local_window"], flip=bool(r % 2)) for r in range(cfg["local_rounds"])]
     result["local_window"] = [r[0] for r in rows]
     result["nocomm_window"] = [r[1] for r in rows]
     if cfg["peer"]:
@@ -402,40 +430,47 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
     # The H sweep: mSGD, then ours and the peer at each H, all interleaved.
     checks = {"ours_identical_after_window": True, "peer_differs_between_syncs": True}
 
-    def h_window(side, H: int):
-        def run() -> dict:
-            side.attach(H)
-            w = window(side, window_steps(H, cfg["window"]))
-            if side is ours:
-                checks["ours_identical_after_window"] &= params_identical_across_ranks(
-                    ours.engine.module.parameters()
-                )
-            elif H > 1:  # the peer's last average was H - 1 steps ago: ranks must differ (no grad all-reduce)
+    def h_windows(H: int):
+        def run() -> list[dict]:
+            pair = [ours] + ([sides["peer"]] if cfg["peer"] else [])
+            for side in pair:
+                side.attach(H)
+            run.calls += 1
+            ws = paired(pair, window_steps(H, cfg["window"]), flip=bool(run.calls % 2))
+            checks["ours_identical_after_window"] &= params_identical_across_ranks(
+                ours.engine.module.parameters()
+            )
+            if (
+                cfg["peer"] and H > 1
+            ):  # its last average was H - 1 steps ago: ranks differ (no grad all-reduce)
                 checks["peer_differs_between_syncs"] &= not params_identical_across_ranks(
-                    side.ddp.parameters()
+                    sides["peer"].ddp.parameters()
                 )
-            return w
+            return ws
 
+        run.calls = 0
         return run
 
-    # Each round also times a no-communication window and the calibration all-reduces, so the cost model
-    # is checked round by round against inputs measured under the same load.
-    tasks = [
-        lambda: window(sides["msgd"], cfg["window"]),
-        lambda: window(sides["nocomm"], cfg["window"]),
-        calibrate,
-    ]
-    labels = [("msgd", None), ("nocomm", None), ("calibration", None)]
-    for H in cfg["hs"]:
-        tasks.append(h_window(ours, H))
-        labels.append(("ours", H))
-        if cfg["peer"]:
-            tasks.append(h_window(sides["peer"], H))
-            labels.append(("peer", H))
+    msgd_calls = []
+
+    def msgd_windows() -> list[dict]:
+        msgd_calls.append(1)
+        return paired([sides["msgd"], sides["nocomm"]], cfg["window"], flip=bool(len(msgd_calls) % 2))
+
+    # Each round also times a no-communication window (stepped in turn with mSGD) and the calibration
+    # all-reduces, so the cost model is checked round by round against inputs measured under the same load.
+    tasks = [msgd_windows, calibrate] + [h_windows(H) for H in cfg["hs"]]
     rows = interleaved(tasks, cfg["rounds"])
-    result["sweep"] = [
-        {"side": side, "H": H, "windows": [r[i] for r in rows]} for i, (side, H) in enumerate(labels)
+    sweep = [
+        {"side": "msgd", "H": None, "windows": [r[0][0] for r in rows]},
+        {"side": "nocomm", "H": None, "windows": [r[0][1] for r in rows]},
+        {"side": "calibration", "H": None, "windows": [r[1] for r in rows]},
     ]
+    for j, H in enumerate(cfg["hs"]):
+        sweep.append({"side": "ours", "H": H, "windows": [r[2 + j][0] for r in rows]})
+        if cfg["peer"]:
+            sweep.append({"side": "peer", "H": H, "windows": [r[2 + j][1] for r in rows]})
+    result["sweep"] = sweep
     result["checks"] = checks
     return result
 
