@@ -152,6 +152,17 @@ def test_decode_matches_torchvision_reference():
         assert np.abs(ours - ref).mean() < limit
 
 
+def test_normalize_is_imagenet_mean_std():
+    from localsgd_ds.data import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = (batch.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
+    out = normalize(batch)
+    assert out.dtype == torch.float32 and out.is_contiguous() and torch.allclose(out, expected, atol=1e-5)
+
+
 def test_decode_cmyk_and_grayscale_to_rgb():
     for mode in ("CMYK", "L"):
         jpeg = png_jpeg(mode)
