@@ -9,16 +9,19 @@ reported as median and spread (min..max):
              SeaweedFS ``weed mini`` on 127.0.0.1 (the server shares the same cores);
 - ``disk``:  the same loader, the same shard files, from a local folder;
 - ``bare``:  2 processes running ``decode_train`` (PIL decode + RandomResizedCrop 224 + flip) over the
-             same JPEG bytes held in memory: no tar, no I/O, no batching or normalization.
+             same JPEG bytes held in memory: no tar, no I/O, no batching, no normalization, no IPC.
 
 Images are ImageNet-sized JPEGs (500x375, about 95 KB, quality 90) cut from real photos shipped with
 scikit-learn (``data_prep.synthetic.make_photo_imagefolder``), sharded with data_prep. Loader
 throughput is steady state: from the moment every worker has delivered its first batch to the last
 batch (start-up, i.e. forking workers and filling the first shuffle block, is printed separately).
+CPU time per image (all processes of a side: loader process, workers and, for S3, the server) is
+printed too: it is what decides throughput once the cores are saturated, and it is far less noisy
+than wall-clock rates on a shared machine.
 
-Run (needs the test extra for ``weed``; about 2 minutes on 2 cores)::
+Run (needs the test extra for ``weed``; about 3 minutes on 2 cores)::
 
-    python benchmarks/bench_loader.py --images 1024 --rounds 5
+    python benchmarks/bench_loader.py --images 2048 --rounds 5
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -38,8 +42,19 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the S3 test server helper
 
 
-def loader_pass(location: str, epoch: int, args) -> tuple[float, float, int]:
-    """(steady images/s, start-up seconds, images) of one epoch of the train loader."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds of this process and its waited-for children, or of process ``pid`` (the S3 server)."""
+    if pid is not None:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def loader_pass(
+    location: str, epoch: int, args, server_pid: int | None = None
+) -> tuple[float, float, int, float]:
+    """(steady images/s, start-up seconds, images, CPU ms per image) of one epoch of the train loader."""
     from localsgd_ds.data import train_loader
 
     loader = train_loader(
@@ -52,14 +67,16 @@ def loader_pass(location: str, epoch: int, args) -> tuple[float, float, int]:
         num_workers=args.workers,
         shuffle_block=args.shuffle_block,
     )
+    cpu0 = cpu_seconds() + (cpu_seconds(server_pid) if server_pid else 0.0)
     start = time.perf_counter()
     stamps, images = [], 0
     for _, labels in loader:
         stamps.append(time.perf_counter())
         images += len(labels)
+    cpu = cpu_seconds() + (cpu_seconds(server_pid) if server_pid else 0.0) - cpu0  # workers are joined by now
     warm = args.workers  # the first batch of every worker marks the end of start-up
     steady = (images - warm * args.batch_size) / (stamps[-1] - stamps[warm - 1])
-    return steady, stamps[warm - 1] - start, images
+    return steady, stamps[warm - 1] - start, images, 1000 * cpu / images
 
 
 def _bare_worker(jpegs: list[bytes], size: int, seed: int, barrier, results) -> None:
@@ -76,8 +93,9 @@ def _bare_worker(jpegs: list[bytes], size: int, seed: int, barrier, results) -> 
     results.put((start, time.perf_counter(), len(jpegs)))
 
 
-def bare_pass(jpegs: list[bytes], epoch: int, args) -> float:
-    """Images/s of ``args.workers`` processes decoding and augmenting their share of ``jpegs``."""
+def bare_pass(jpegs: list[bytes], epoch: int, args) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of ``args.workers`` processes decoding and augmenting ``jpegs``."""
+    cpu0 = cpu_seconds()
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(args.workers), ctx.Queue()
     procs = [
@@ -91,10 +109,12 @@ def bare_pass(jpegs: list[bytes], epoch: int, args) -> float:
     spans = [results.get() for _ in procs]
     for p in procs:
         p.join()
-    return sum(n for _, _, n in spans) / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
+    images = sum(n for _, _, n in spans)
+    rate = images / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
+    return rate, 1000 * (cpu_seconds() - cpu0) / images
 
 
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+def spread(values, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
 
 
@@ -102,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=1024, help="training images (default 1024)")
+    parser.add_argument("--images", type=int, default=2048, help="training images (default 2048)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
@@ -124,59 +144,63 @@ def main() -> None:
         src = make_photo_imagefolder(
             Path(tmp) / "src", num_classes=10, train_per_class=per_class, val_per_class=1
         )
-        files = sorted((src / "train").glob("*/*.JPEG"))
-        jpegs = [p.read_bytes() for p in files]
+        jpegs = [p.read_bytes() for p in sorted((src / "train").glob("*/*.JPEG"))]
         local = str(Path(tmp) / "shards")
-        manifest = shard_dataset(
+        report = shard_dataset(
             src, local, samples_per_shard=args.samples_per_shard, splits=("train",), progress=False
         )
         remote = "s3://bench/photos"
         shard_dataset(
             src, remote, samples_per_shard=args.samples_per_shard, splits=("train",), progress=False
         )
-        m = manifest.splits["train"].manifest
+        m = report.splits["train"].manifest
 
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+        )
         print(
-            f"bench_loader: {m['num_samples']} images (500x375 JPEG, {statistics.mean(map(len, jpegs)) / 1e3:.0f} KB mean, "
-            f"real photos), {m['num_shards']} shards of {args.samples_per_shard} ({m['num_bytes'] / 1e6:.0f} MB); "
+            f"bench_loader: {m['num_samples']} images (500x375 JPEG, {statistics.mean(map(len, jpegs)) / 1e3:.0f} KB "
+            f"mean, real photos), {m['num_shards']} shards of {args.samples_per_shard} ({m['num_bytes'] / 1e6:.0f} MB); "
             f"batch {args.batch_size}, {args.image_size} px, {args.workers} processes per side, shuffle block "
             f"{args.shuffle_block}"
         )
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in open("/proc/cpuinfo")
-                if line.startswith("model name")
-            ),
-            "?",
+        print(
+            f"machine: {os.cpu_count()} cores ({cpu}), shared with other jobs (noisy); python "
+            f"{platform.python_version()}, torch {torch.__version__}, pillow {PIL.__version__}; S3 = SeaweedFS "
+            "weed mini on 127.0.0.1 (on the same cores)"
         )
         print(
-            f"machine: {os.cpu_count()} cores ({cpu}), shared with other jobs (noisy); python {platform.python_version()}, "
-            f"torch {torch.__version__}, pillow {PIL.__version__}; S3 = SeaweedFS weed mini on 127.0.0.1 "
-            "(on the same cores)"
+            f"{'round':>5} {'s3 img/s':>9} {'disk img/s':>10} {'bare img/s':>10} {'s3/disk':>8} {'s3/bare':>8} "
+            f"{'disk/bare':>9}   CPU ms/img: {'s3':>5} {'disk':>5} {'bare':>5}"
         )
-        print(
-            f"{'round':>5} {'s3 img/s':>9} {'disk img/s':>10} {'bare img/s':>10} {'s3/disk':>8} {'s3/bare':>8} {'disk/bare':>9}"
-        )
-        rows = []
-        startup = {"s3": [], "disk": []}
+        rows, cpus = [], []
+        startup: dict[str, list[float]] = {"s3": [], "disk": []}
         for r in range(args.rounds):
-            s3_rate, s3_start, n = loader_pass(remote, r, args)
-            disk_rate, disk_start, _ = loader_pass(local, r, args)
-            bare_rate = bare_pass(jpegs[:n], r, args)
+            s3_rate, s3_start, n, s3_cpu = loader_pass(remote, r, args, server.pid)
+            disk_rate, disk_start, _, disk_cpu = loader_pass(local, r, args)
+            bare_rate, bare_cpu = bare_pass(jpegs[:n], r, args)
             startup["s3"].append(s3_start)
             startup["disk"].append(disk_start)
             rows.append((s3_rate, disk_rate, bare_rate))
+            cpus.append((s3_cpu, disk_cpu, bare_cpu))
             print(
                 f"{r + 1:>5} {s3_rate:>9.0f} {disk_rate:>10.0f} {bare_rate:>10.0f} {s3_rate / disk_rate:>8.2f} "
-                f"{s3_rate / bare_rate:>8.2f} {disk_rate / bare_rate:>9.2f}"
+                f"{s3_rate / bare_rate:>8.2f} {disk_rate / bare_rate:>9.2f}   {'':>11} {s3_cpu:>5.2f} "
+                f"{disk_cpu:>5.2f} {bare_cpu:>5.2f}"
             )
         s3_r, disk_r, bare_r = zip(*rows, strict=True)
+        s3_c, disk_c, bare_c = zip(*cpus, strict=True)
         print(f"median (min..max) over {args.rounds} rounds:")
         print(f"  s3 {spread(s3_r)} img/s, disk {spread(disk_r)} img/s, bare {spread(bare_r)} img/s")
         print(f"  s3/disk   = {spread([a / b for a, b, _ in rows], '{:.2f}')}   (target >= 0.90)")
         print(f"  s3/bare   = {spread([a / c for a, _, c in rows], '{:.2f}')}   (target >= 0.85)")
         print(f"  disk/bare = {spread([b / c for _, b, c in rows], '{:.2f}')}")
+        print(
+            f"  CPU per image (loader process + workers; s3 also the server): s3 {spread(s3_c, '{:.2f}')} ms, "
+            f"disk {spread(disk_c, '{:.2f}')} ms, bare {spread(bare_c, '{:.2f}')} ms; "
+            f"bare/s3 = {spread([c / a for a, _, c in cpus], '{:.2f}')}, bare/disk = "
+            f"{spread([c / b for _, b, c in cpus], '{:.2f}')}"
+        )
         print(
             f"  start-up to the first batch of every worker: s3 {spread(startup['s3'], '{:.2f}')} s, "
             f"disk {spread(startup['disk'], '{:.2f}')} s"
