@@ -148,6 +148,11 @@ def launch(cfg: dict, workers: int, links: LimitedLinks | None = None, timeout: 
             OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         )
+        if cfg.get("malloc_no_trim") and cfg["mode"] == "timing":
+            # Keep freed memory in the heap: no page faults when DeepSpeed reallocates its gradients.
+            env["GLIBC_TUNABLES"] = (
+                "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
+            )
         if cfg["mode"] == "memory":
             # Every allocation of 64 KiB or more gets its own mapping, unmapped when freed: RSS = live.
             env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=65536"
@@ -226,11 +231,13 @@ def base_config(args, model: str, mode: str, out_dir: Path) -> dict:
         "window": args.window,
         "local_window": args.local_window,
         "warmup_steps": 1 if tiny else 2,
+        "settle_steps": 1 if tiny else 2,
         "calibration_bytes": [4 << 10, 64 << 10, 1 << 20, 8 << 20]
         if tiny
         else [4 << 10, 64 << 10, 1 << 20, 8 << 20, 32 << 20, 64 << 20],
         "calibration_reps": 3 if tiny else 5,
         "peer": not args.no_peer,
+        "malloc_no_trim": args.malloc_no_trim,
         "device": args.device,
         "out_dir": str(out_dir),
     }
@@ -245,13 +252,18 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the H sweep")
     p.add_argument("--sync-rounds", type=int, default=30, help="rounds of sync vs raw all-reduce")
-    p.add_argument("--local-rounds", type=int, default=20, help="rounds of local step vs no-comm step")
+    p.add_argument("--local-rounds", type=int, default=15, help="rounds of local step vs no-comm step")
     p.add_argument(
         "--window", type=int, default=4, help="minimum steps per timed window (whole periods of H)"
     )
     p.add_argument("--local-window", type=int, default=4, help="steps per local/no-comm window")
     p.add_argument("--no-peer", action="store_true", help="leave PyTorch's post-local SGD out")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument(
+        "--malloc-no-trim",
+        action="store_true",
+        help="run the timed ranks with glibc's heap trimming and dynamic mmap threshold off (GLIBC_TUNABLES)",
+    )
     p.add_argument(
         "--hook-only", action="store_true", help='issue "hook": K=2, ResNet-18, the two ratios only'
     )

@@ -90,7 +90,16 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
         "sync_bytes": r0["sync_bytes"],
         "threads_per_rank": r0["threads"],
         "config": {
-            k: cfg[k] for k in ("hs", "rounds", "sync_rounds", "local_rounds", "window", "local_window")
+            k: cfg.get(k)
+            for k in (
+                "hs",
+                "rounds",
+                "sync_rounds",
+                "local_rounds",
+                "window",
+                "local_window",
+                "malloc_no_trim",
+            )
         },
     }
 
@@ -101,14 +110,18 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
 
     local, nocomm = pooled("local_window", "seconds"), pooled("nocomm_window", "seconds")
     local_cpu, nocomm_cpu = pooled("local_window", "cpu_s"), pooled("nocomm_window", "cpu_s")
+    ds_nocomm, ds_nocomm_cpu = pooled("ds_nocomm_window", "seconds"), pooled("ds_nocomm_window", "cpu_s")
     case["local_step_s"], case["nocomm_step_s"] = summary(local), summary(nocomm)
     case["local_step_cpu_s"], case["nocomm_step_cpu_s"] = summary(local_cpu), summary(nocomm_cpu)
+    case["ds_nocomm_step_s"], case["ds_nocomm_step_cpu_s"] = summary(ds_nocomm), summary(ds_nocomm_cpu)
     sync, raw = slowest(ranks, "sync_s"), slowest(ranks, "raw_allreduce_s")
     case["sync_s"], case["raw_allreduce_s"] = summary(sync), summary(raw)
     ratios = {
         "local_over_nocomm": ratio(local, nocomm),
         "local_over_nocomm_cpu": ratio(local_cpu, nocomm_cpu),
         "local_over_nocomm_of_minima": min(local) / min(nocomm),
+        "local_over_ds_nocomm": ratio(local, ds_nocomm),
+        "local_over_ds_nocomm_cpu": ratio(local_cpu, ds_nocomm_cpu),
         "sync_over_raw": ratio(sync, raw),
         "sync_over_raw_of_minima": min(sync) / min(raw),
     }
@@ -297,6 +310,8 @@ def title(case: dict) -> str:
     link = (
         "loopback gloo" if case["link_gbit"] is None else f"gloo over veth + tc {case['link_gbit']:g} Gbit/s"
     )
+    if case["config"].get("malloc_no_trim"):
+        link += ", glibc heap trimming off"
     return (
         f"{case['model']} ({case['params'] / 1e6:.1f} M params, {case['param_bytes'] / MB:.1f} MB), "
         f"K = {case['workers']}, {link}, batch {case['batch']} of {case['image_size']}x{case['image_size']}"
@@ -313,6 +328,8 @@ def case_lines(case: dict) -> str:
         f"{tag} local step / no-comm step: {_r(r['local_over_nocomm'])} (target <= 1.02; wall "
         f"{_ms(case['local_step_s']['median'])} vs {_ms(case['nocomm_step_s']['median'])} ms; "
         f"CPU time {_r(r['local_over_nocomm_cpu'])}; fastest over fastest {r['local_over_nocomm_of_minima']:.3f})",
+        f"{tag} local step / DeepSpeed step with its all-reduce off and no hook: {_r(r['local_over_ds_nocomm'])} "
+        f"(CPU time {_r(r['local_over_ds_nocomm_cpu'])}; {_ms(case['ds_nocomm_step_s']['median'])} ms)",
         f"{tag} sync / raw all-reduce of the same {case['sync_bytes'] / MB:.1f} MB: {_r(r['sync_over_raw'])} "
         f"(target <= 1.10; {_ms(case['sync_s']['median'])} vs {_ms(case['raw_allreduce_s']['median'])} ms; "
         f"fastest over fastest {r['sync_over_raw_of_minima']:.3f})",

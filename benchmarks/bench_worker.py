@@ -221,8 +221,16 @@ class PeerSide:
 # -- measuring ------------------------------------------------------------------------------------------------
 
 
-def window(side, steps: int) -> dict:
-    """Run ``steps`` steps of ``side`` after a barrier; wall seconds, communication seconds and bytes."""
+def window(side, steps: int, *, settle: int = 0, prepare=None, before=None) -> dict:
+    """Time ``steps`` steps of ``side`` after a barrier: wall and CPU seconds, communication seconds and
+    bytes. First, untimed: ``before()``, ``settle`` steps (the side's own allocation pattern and caches
+    back in place after another side ran), then ``prepare()`` (e.g. attach the hook with the window's H)."""
+    if before is not None:
+        before()
+    for _ in range(settle):
+        side.step()
+    if prepare is not None:
+        prepare()
     comm_s, comm_bytes = side.comm_s, side.comm_bytes
     dist.barrier()
     cpu = time.process_time()
@@ -237,34 +245,6 @@ def window(side, steps: int) -> dict:
         "comm_s": side.comm_s - comm_s,
         "bytes": side.comm_bytes - comm_bytes,
     }
-
-
-def paired(sides: list, steps: int, flip: bool = False) -> list[dict]:
-    """Step several sides in turn, one step each, ``steps`` times after one barrier, and time each side's
-    steps on their own: both see the machine's load of the same moment. ``flip`` reverses the turn order
-    (use it every other round). Returns one window per side, in the order given."""
-    order = list(range(len(sides)))
-    if flip:
-        order.reverse()
-    before = [(s.comm_s, s.comm_bytes) for s in sides]
-    seconds, cpu = [0.0] * len(sides), [0.0] * len(sides)
-    dist.barrier()
-    for _ in range(steps):
-        for i in order:
-            c, t = time.process_time(), time.perf_counter()
-            sides[i].step()
-            seconds[i] += time.perf_counter() - t
-            cpu[i] += time.process_time() - c
-    return [
-        {
-            "steps": steps,
-            "seconds": seconds[i],
-            "cpu_s": cpu[i],
-            "comm_s": s.comm_s - before[i][0],
-            "bytes": s.comm_bytes - before[i][1],
-        }
-        for i, s in enumerate(sides)
-    ]
 
 
 def timed(fn) -> float:
@@ -410,19 +390,28 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
             "seconds": [timed(lambda t=t: dist.all_reduce(t)) for t in calibration_tensors],
         }
 
-    # A local step vs a step of the same model in plain torch with no communication (and PyTorch's local
-    # step, for the composed per-H comparison), stepped in turn in the same processes: each pair of steps
-    # sees the same load on the same core.
+    # A local step vs a step of the same model in plain torch with no communication, vs the plain DeepSpeed
+    # engine with its gradient all-reduce switched off (the switch the hook uses: DeepSpeed with no
+    # communication and no hook), and PyTorch's local step (for the composed per-H comparison). Windows
+    # of each side alternate in the same processes, the order flipping every round; each window starts
+    # with settle steps so that it measures the side's own steady state, not the one it follows.
     ours.attach(NEVER)
-    local_sides = [ours, sides["nocomm"]]
+    sides["msgd"].engine.enable_backward_allreduce = False
+    local_sides = [ours, sides["nocomm"], sides["msgd"]]
     if cfg["peer"]:
         sides["peer"].attach(NEVER)
         local_sides.append(sides["peer"])
-    rows = [paired(local_sides, cfg["local_window"], flip=bool(r % 2)) for r in range(cfg["local_rounds"])]
+    settle = cfg["settle_steps"]
+    rows = interleaved(
+        [lambda s=side: window(s, cfg["local_window"], settle=settle) for side in local_sides],
+        cfg["local_rounds"],
+    )
+    sides["msgd"].engine.enable_backward_allreduce = True
     result["local_window"] = [r[0] for r in rows]
     result["nocomm_window"] = [r[1] for r in rows]
+    result["ds_nocomm_window"] = [r[2] for r in rows]
     if cfg["peer"]:
-        result["peer_local_window"] = [r[2] for r in rows]
+        result["peer_local_window"] = [r[3] for r in rows]
     result["local_steps_rank_params_differ"] = not params_identical_across_ranks(
         ours.engine.module.parameters()
     )
@@ -430,47 +419,46 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
     # The H sweep: mSGD, then ours and the peer at each H, all interleaved.
     checks = {"ours_identical_after_window": True, "peer_differs_between_syncs": True}
 
-    def h_windows(H: int):
-        def run() -> list[dict]:
-            pair = [ours] + ([sides["peer"]] if cfg["peer"] else [])
-            for side in pair:
-                side.attach(H)
-            run.calls += 1
-            ws = paired(pair, window_steps(H, cfg["window"]), flip=bool(run.calls % 2))
-            checks["ours_identical_after_window"] &= params_identical_across_ranks(
-                ours.engine.module.parameters()
+    def h_window(side, H: int):
+        def run() -> dict:
+            # Settle with local steps only, then a fresh hook / averager: the window holds whole periods.
+            w = window(
+                side,
+                window_steps(H, cfg["window"]),
+                settle=settle,
+                before=lambda: side.attach(NEVER),
+                prepare=lambda: side.attach(H),
             )
-            if (
-                cfg["peer"] and H > 1
-            ):  # its last average was H - 1 steps ago: ranks differ (no grad all-reduce)
-                checks["peer_differs_between_syncs"] &= not params_identical_across_ranks(
-                    sides["peer"].ddp.parameters()
+            if side is ours:
+                checks["ours_identical_after_window"] &= params_identical_across_ranks(
+                    ours.engine.module.parameters()
                 )
-            return ws
+            elif H > 1:  # its last average was H - 1 steps ago: ranks differ (no gradient all-reduce)
+                checks["peer_differs_between_syncs"] &= not params_identical_across_ranks(
+                    side.ddp.parameters()
+                )
+            return w
 
-        run.calls = 0
         return run
 
-    msgd_calls = []
-
-    def msgd_windows() -> list[dict]:
-        msgd_calls.append(1)
-        return paired([sides["msgd"], sides["nocomm"]], cfg["window"], flip=bool(len(msgd_calls) % 2))
-
-    # Each round also times a no-communication window (stepped in turn with mSGD) and the calibration
-    # all-reduces, so the cost model is checked round by round against inputs measured under the same load.
-    tasks = [msgd_windows, calibrate] + [h_windows(H) for H in cfg["hs"]]
-    rows = interleaved(tasks, cfg["rounds"])
-    sweep = [
-        {"side": "msgd", "H": None, "windows": [r[0][0] for r in rows]},
-        {"side": "nocomm", "H": None, "windows": [r[0][1] for r in rows]},
-        {"side": "calibration", "H": None, "windows": [r[1] for r in rows]},
+    # Each round also times a no-communication window and the calibration all-reduces, so the cost model
+    # is checked round by round against inputs measured under the same load.
+    tasks = [
+        lambda: window(sides["msgd"], cfg["window"], settle=settle),
+        lambda: window(sides["nocomm"], cfg["window"], settle=settle),
+        calibrate,
     ]
-    for j, H in enumerate(cfg["hs"]):
-        sweep.append({"side": "ours", "H": H, "windows": [r[2 + j][0] for r in rows]})
+    labels = [("msgd", None), ("nocomm", None), ("calibration", None)]
+    for H in cfg["hs"]:
+        tasks.append(h_window(ours, H))
+        labels.append(("ours", H))
         if cfg["peer"]:
-            sweep.append({"side": "peer", "H": H, "windows": [r[2 + j][1] for r in rows]})
-    result["sweep"] = sweep
+            tasks.append(h_window(sides["peer"], H))
+            labels.append(("peer", H))
+    rows = interleaved(tasks, cfg["rounds"])
+    result["sweep"] = [
+        {"side": side, "H": H, "windows": [r[i] for r in rows]} for i, (side, H) in enumerate(labels)
+    ]
     result["checks"] = checks
     return result
 
