@@ -268,11 +268,18 @@ def _crop_resize(im: Image.Image, box: tuple[float, float, float, float], size: 
     return im.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
 
 
-def decode_train(jpeg: bytes, rng: np.random.Generator, size: int) -> np.ndarray:
-    """RandomResizedCrop(size) + horizontal flip of one encoded image; returns HWC uint8 RGB."""
+def decode_train(
+    jpeg: bytes,
+    rng: np.random.Generator,
+    size: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
+) -> np.ndarray:
+    """RandomResizedCrop(size, scale=crop_scale) + horizontal flip (unless ``hflip`` is False) of one
+    encoded image; returns HWC uint8 RGB. The flip coin is tossed either way, so the crops do not move."""
     im = Image.open(io.BytesIO(jpeg))
-    left, top, w, h = random_resized_crop(im.width, im.height, rng)
-    flip = rng.random() < 0.5
+    left, top, w, h = random_resized_crop(im.width, im.height, rng, scale=crop_scale)
+    flip = rng.random() < 0.5 and hflip
     out = _crop_resize(im, (left, top, left + w, top + h), size)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -513,8 +520,12 @@ class _TrainStream(IterableDataset):
         skip_batches: int,
         shuffle_block: int,
         with_keys: bool,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
     ):
         self.manifest = manifest
+        self.crop_scale = crop_scale
+        self.hflip = hflip
         self.batch_size = batch_size
         self.rank = rank
         self.epoch = epoch
@@ -578,13 +589,20 @@ class _TrainStream(IterableDataset):
                     owed.append(pos)
                     continue
                 try:
-                    image = decode_train(sample.jpeg, self._rng(worker, pos), self.image_size)
+                    image = decode_train(
+                        sample.jpeg, self._rng(worker, pos), self.image_size, self.crop_scale, self.hflip
+                    )
                 except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt sample
                     skipped.append(_log_skip(sample, f"{type(exc).__name__}: {exc}"))
                     owed.append(pos)
                     continue
                 for q in owed:
-                    yield sample, decode_train(sample.jpeg, self._rng(worker, q), self.image_size)
+                    yield (
+                        sample,
+                        decode_train(
+                            sample.jpeg, self._rng(worker, q), self.image_size, self.crop_scale, self.hflip
+                        ),
+                    )
                 owed.clear()
                 last = sample
                 yield sample, image
@@ -594,7 +612,12 @@ class _TrainStream(IterableDataset):
                         f"worker {worker} of rank {self.rank}: no decodable sample in its part of epoch {self.epoch}"
                     )
                 for q in owed:
-                    yield last, decode_train(last.jpeg, self._rng(worker, q), self.image_size)
+                    yield (
+                        last,
+                        decode_train(
+                            last.jpeg, self._rng(worker, q), self.image_size, self.crop_scale, self.hflip
+                        ),
+                    )
 
         batch = _Batch(bs, self.image_size)
         k = first_batch
@@ -771,12 +794,17 @@ def train_loader(
     split: str = "train",
     with_keys: bool = False,
     pin_memory: bool | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
 ) -> ShardLoader:
     """This rank's training batches of ``epoch``: exactly ``steps_per_epoch - skip_batches`` of them.
 
     Batches are ``(float32 [B, 3, image_size, image_size], int64 [B])`` (plus a tuple of sample keys
-    with ``with_keys=True``), RandomResizedCrop + flip, normalized with ImageNet mean/std.
+    with ``with_keys=True``), RandomResizedCrop (area fraction drawn from ``crop_scale``; ImageNet's
+    (0.08, 1) by default) + horizontal flip (``hflip``), normalized with ImageNet mean/std.
     """
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale={crop_scale}: must satisfy 0 < low <= high <= 1")
     _check_positive(
         batch_size=batch_size, world_size=world_size, image_size=image_size, shuffle_block=shuffle_block
     )
@@ -805,6 +833,8 @@ def train_loader(
         skip_batches=skip_batches,
         shuffle_block=shuffle_block,
         with_keys=with_keys,
+        crop_scale=tuple(crop_scale),
+        hflip=hflip,
     )
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return ShardLoader(
