@@ -15,9 +15,9 @@ Images are ImageNet-sized JPEGs (500x375, about 95 KB, quality 90) cut from real
 scikit-learn (``data_prep.synthetic.make_photo_imagefolder``), sharded with data_prep. Loader
 throughput is steady state: from the moment every worker has delivered its first batch to the last
 batch (start-up, i.e. forking workers and filling the first shuffle block, is printed separately).
-CPU time per image (all processes of a side: loader process, workers and, for S3, the server) is
-printed too: it is what decides throughput once the cores are saturated, and it is far less noisy
-than wall-clock rates on a shared machine.
+Steady-state CPU time per image (all processes of a side: loader process, workers and, for S3, the
+server) is printed too: it is what decides throughput once the cores are saturated, and it is far
+less noisy than wall-clock rates on a shared machine.
 
 Run (needs the test extra for ``weed``; about 3 minutes on 2 cores)::
 
@@ -51,10 +51,20 @@ def cpu_seconds(pid: int | None = None) -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def side_cpu(server_pid: int, count_server: bool) -> float:
+    """CPU seconds so far of this process and its live children (DataLoader workers), plus the S3
+    server's if ``count_server`` (the server is a child too, idle for the disk side: left out there)."""
+    import psutil  # a dependency of deepspeed
+
+    me = psutil.Process()
+    total = sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)] if p.pid != server_pid)
+    return total + (cpu_seconds(server_pid) if count_server else 0.0)
+
+
 def loader_pass(
-    location: str, epoch: int, args, server_pid: int | None = None
+    location: str, epoch: int, args, server_pid: int, count_server: bool
 ) -> tuple[float, float, int, float]:
-    """(steady images/s, start-up seconds, images, CPU ms per image) of one epoch of the train loader."""
+    """(steady images/s, start-up seconds, images, steady CPU ms per image) of one epoch of the loader."""
     from localsgd_ds.data import train_loader
 
     loader = train_loader(
@@ -67,16 +77,19 @@ def loader_pass(
         num_workers=args.workers,
         shuffle_block=args.shuffle_block,
     )
-    cpu0 = cpu_seconds() + (cpu_seconds(server_pid) if server_pid else 0.0)
+    # Steady state: from the first batch of every worker to the batch after which the first worker
+    # may finish, the same window for the rate and for the CPU of the still-running workers.
+    first, last = args.workers, len(loader) - args.workers
     start = time.perf_counter()
-    stamps, images = [], 0
-    for _, labels in loader:
-        stamps.append(time.perf_counter())
+    images = 0
+    for i, (_, labels) in enumerate(loader, start=1):
         images += len(labels)
-    cpu = cpu_seconds() + (cpu_seconds(server_pid) if server_pid else 0.0) - cpu0  # workers are joined by now
-    warm = args.workers  # the first batch of every worker marks the end of start-up
-    steady = (images - warm * args.batch_size) / (stamps[-1] - stamps[warm - 1])
-    return steady, stamps[warm - 1] - start, images, 1000 * cpu / images
+        if i == first:
+            t0, cpu0, images0 = time.perf_counter(), side_cpu(server_pid, count_server), images
+        if i == last:
+            t1, cpu1, images1 = time.perf_counter(), side_cpu(server_pid, count_server), images
+    steady_images = images1 - images0
+    return steady_images / (t1 - t0), t0 - start, images, 1000 * (cpu1 - cpu0) / steady_images
 
 
 def _bare_worker(jpegs: list[bytes], size: int, seed: int, barrier, results) -> None:
@@ -87,15 +100,14 @@ def _bare_worker(jpegs: list[bytes], size: int, seed: int, barrier, results) -> 
 
     torch.set_num_threads(1)
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i, jpeg in enumerate(jpegs):
         decode_train(jpeg, np.random.default_rng([seed, i]), size)
-    results.put((start, time.perf_counter(), len(jpegs)))
+    results.put((start, time.perf_counter(), len(jpegs), time.process_time() - cpu))
 
 
 def bare_pass(jpegs: list[bytes], epoch: int, args) -> tuple[float, float]:
     """(images/s, CPU ms per image) of ``args.workers`` processes decoding and augmenting ``jpegs``."""
-    cpu0 = cpu_seconds()
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(args.workers), ctx.Queue()
     procs = [
@@ -109,9 +121,9 @@ def bare_pass(jpegs: list[bytes], epoch: int, args) -> tuple[float, float]:
     spans = [results.get() for _ in procs]
     for p in procs:
         p.join()
-    images = sum(n for _, _, n in spans)
-    rate = images / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
-    return rate, 1000 * (cpu_seconds() - cpu0) / images
+    images = sum(n for _, _, n, _ in spans)
+    rate = images / (max(e for _, e, _, _ in spans) - min(s for s, _, _, _ in spans))
+    return rate, 1000 * sum(c for *_, c in spans) / images
 
 
 def spread(values, fmt: str = "{:.0f}") -> str:
@@ -176,8 +188,8 @@ def main() -> None:
         rows, cpus = [], []
         startup: dict[str, list[float]] = {"s3": [], "disk": []}
         for r in range(args.rounds):
-            s3_rate, s3_start, n, s3_cpu = loader_pass(remote, r, args, server.pid)
-            disk_rate, disk_start, _, disk_cpu = loader_pass(local, r, args)
+            s3_rate, s3_start, n, s3_cpu = loader_pass(remote, r, args, server.pid, count_server=True)
+            disk_rate, disk_start, _, disk_cpu = loader_pass(local, r, args, server.pid, count_server=False)
             bare_rate, bare_cpu = bare_pass(jpegs[:n], r, args)
             startup["s3"].append(s3_start)
             startup["disk"].append(disk_start)
@@ -196,7 +208,7 @@ def main() -> None:
         print(f"  s3/bare   = {spread([a / c for a, _, c in rows], '{:.2f}')}   (target >= 0.85)")
         print(f"  disk/bare = {spread([b / c for _, b, c in rows], '{:.2f}')}")
         print(
-            f"  CPU per image (loader process + workers; s3 also the server): s3 {spread(s3_c, '{:.2f}')} ms, "
+            f"  steady-state CPU per image (loader process + workers; s3 also the server): s3 {spread(s3_c, '{:.2f}')} ms, "
             f"disk {spread(disk_c, '{:.2f}')} ms, bare {spread(bare_c, '{:.2f}')} ms; "
             f"bare/s3 = {spread([c / a for a, _, c in cpus], '{:.2f}')}, bare/disk = "
             f"{spread([c / b for _, b, c in cpus], '{:.2f}')}"
