@@ -44,6 +44,18 @@ def _bool(block: Mapping[str, Any], key: str, default: bool, where: str) -> bool
     return value
 
 
+def _crop_scale(value: Any) -> tuple[float, float]:
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and 0 < value[0] <= value[1] <= 1
+    )
+    if not ok:
+        raise ConfigError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {value!r}")
+    return (float(value[0]), float(value[1]))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``train`` block: what the recipe trains and how it logs and checkpoints. Defaults: Goyal et al."""
@@ -76,6 +88,10 @@ class TrainConfig:
     """Number of checkpoints kept in ``<output-dir>/checkpoints`` (older ones are deleted after a save)."""
     log_every: int = 50
     """Optimizer steps between two points of the per-step TensorBoard curves (train loss, lr)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area fraction range of RandomResizedCrop ([0.08, 1] for ImageNet; larger for tiny images)."""
+    hflip: bool = True
+    """Random horizontal flips of the training crops (off for data where a mirror changes the label)."""
 
     KEYS = (
         "model",
@@ -92,6 +108,8 @@ class TrainConfig:
         "seed",
         "keep_last",
         "log_every",
+        "crop_scale",
+        "hflip",
     )
 
     @classmethod
@@ -139,6 +157,8 @@ class TrainConfig:
             seed=_int_at_least(block, "seed", cls.seed, 0, where),
             keep_last=_int_at_least(block, "keep_last", cls.keep_last, 1, where),
             log_every=_int_at_least(block, "log_every", cls.log_every, 1, where),
+            crop_scale=_crop_scale(block.get("crop_scale", list(cls.crop_scale))),
+            hflip=_bool(block, "hflip", cls.hflip, where),
         )
         if config.val_crop > config.val_resize:
             raise ConfigError(

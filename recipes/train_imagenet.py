@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = data.train_loader(
             args.data, batch_size=B, rank=rank, world_size=world_size, epoch=epoch, seed=cfg.seed,
             image_size=cfg.image_size, num_workers=cfg.num_workers, skip_batches=meter.batches,
+            crop_scale=cfg.crop_scale, hflip=cfg.hflip,
         )  # fmt: skip
         batches = steps_per_epoch * run.batch.grad_accum
         if train_one_epoch(
