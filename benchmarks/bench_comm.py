@@ -141,13 +141,15 @@ def launch(cfg: dict, workers: int, links: LimitedLinks | None = None, timeout: 
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(workers),
-            LOCAL_SIZE=str(workers),
             MASTER_ADDR=master,
             MASTER_PORT=str(port),
             GLOO_SOCKET_IFNAME=iface,
             OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         )
+        # No LOCAL_SIZE: with LOCAL_SIZE == WORLD_SIZE DeepSpeed's CPU accelerator creates a 69 MB shared-memory
+        # workspace per rank in /dev/shm at init_distributed and never removes it (gloo does not need it).
+        env.pop("LOCAL_SIZE", None)
         if cfg.get("malloc_no_trim") and cfg["mode"] == "timing":
             # Keep freed memory in the heap: no page faults when DeepSpeed reallocates its gradients.
             env["GLIBC_TUNABLES"] = (
