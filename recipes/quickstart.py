@@ -63,8 +63,9 @@ def build_shards(out: Path, bar: tqdm) -> Path:
 
 def train(config: Path, shards: Path, run_dir: Path, log_path: Path, bar: tqdm) -> int:
     """``deepspeed --num_gpus 2 recipes/train_imagenet.py ...``, one bar tick per epoch line."""
+    port = free_port()
     command = [
-        "deepspeed", "--num_gpus", str(WORKERS), "--master_port", str(free_port()),
+        "deepspeed", "--num_gpus", str(WORKERS), "--master_port", str(port),
         str(ROOT / "recipes" / "train_imagenet.py"),
         "--deepspeed_config", str(config), "--data", str(shards), "--output-dir", str(run_dir),
     ]  # fmt: skip
@@ -92,7 +93,11 @@ def train(config: Path, shards: Path, run_dir: Path, log_path: Path, bar: tqdm) 
                 bar.update()
             elif line.startswith("resnet"):
                 bar.set_description("training")
-        return proc.wait()
+        code = proc.wait()
+    # DeepSpeed's CPU accelerator leaves a 69 MB /dev/shm workspace per worker, named after the port.
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+    return code
 
 
 def table(run_dir: Path) -> str:
