@@ -18,9 +18,9 @@ from data_prep's global shuffle. webdataset's usual alternative (resampled shard
 draws shards with replacement: some samples are seen twice in an "epoch", others not at all.
 
 Determinism. A train loader's batches are a pure function of (location's manifest, seed, epoch, rank,
-world_size, num_workers, batch_size, image_size, shuffle_block): every random choice (order, rotation,
-block permutation, crop, flip) comes from a seed derived from those and the sample's position, never
-from process state or timing. ``skip_batches=n`` yields exactly the batches ``n, n+1, ...`` of the same
+world_size, num_workers, batch_size, image_size, shuffle_block, crop_scale, hflip): every random
+choice (order, rotation, block permutation, crop, flip) comes from a seed derived from those and the
+sample's position, never from process state or timing. ``skip_batches=n`` yields exactly the batches ``n, n+1, ...`` of the same
 epoch, reading from the nearest seek point and decoding nothing it skips, so a run resumed mid-epoch
 sees what an uninterrupted run would have seen next.
 

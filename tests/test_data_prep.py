@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -385,12 +386,12 @@ def test_verify_reports_each_damaged_shard(tmp_path, digits):
     assert out_cli.returncode == 1
     text = out_cli.stdout
     assert "FAIL train/train-000001.tar: sha256" in text
-    assert (
-        f"FAIL train/train-000002.tar: {cut} bytes" in text
-        and "FAIL train/train-000002.tar: damaged tar" in text
-    )
+    assert f"FAIL train/train-000002.tar: {cut} bytes" in text
+    # Cut inside a member, tarfile raises; cut at a header, it ends quietly: a sample count short.
+    assert re.search(r"FAIL train/train-000002.tar: (damaged tar|\d+ samples, manifest says 20)", text)
     assert "FAIL train/train-000004.tar: missing" in text
-    assert "train-000000.tar" not in text and "train-000003.tar" not in text and "4 problem(s)" in text
+    assert "train-000000.tar" not in text and "train-000003.tar" not in text
+    assert re.search(r"^[45] problem\(s\)$", text, re.MULTILINE)
     assert "val: 2 shards, 40 samples" in text
 
 
