@@ -150,21 +150,15 @@ def flatten_(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[t
 
 @torch.no_grad()
 def average_flat_(
-    buffers: Sequence[torch.Tensor],
-    *,
-    world_size: int,
-    bucket_bytes: int,
-    group: dist.ProcessGroup | None = None,
+    buffers: Sequence[torch.Tensor], *, world_size: int, group: dist.ProcessGroup | None = None
 ) -> int:
-    """Average contiguous buffers in place, one collective per chunk of at most ``bucket_bytes``."""
+    """Average contiguous buffers in place: one collective per buffer (no copy, so no size bound needed)."""
     if world_size == 1:
         return 0
     sent = 0
     for flat in buffers:
-        chunk = max(1, bucket_bytes // flat.element_size())
-        for piece in flat.split(chunk):
-            dist.all_reduce(piece, group=group)
-            _mean_(piece, world_size)
+        dist.all_reduce(flat, group=group)
+        _mean_(flat, world_size)
         sent += flat.numel() * flat.element_size()
     return sent
 

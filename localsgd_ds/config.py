@@ -88,8 +88,9 @@ class LocalSGDConfig:
     slowmo: SlowMoConfig | None = None
     """Slow momentum outer step at each sync; null for plain averaging."""
     bucket_mb: float = 25.0
-    """Size bound of one averaging collective, in MiB: tensors are packed into buckets of at most this
-    size (one collective per bucket); tensors larger than the bound are reduced in place."""
+    """Size bound, in MiB, of the buckets that tensors living in their own storage are copied into for
+    averaging (optimizer state, integer buffers): one collective per bucket. The parameters and float
+    buffers live in one flat buffer per dtype and are reduced in place, one collective per dtype."""
 
     KEYS = ("H", "K", "T", "buffers", "momentum", "slowmo", "bucket_mb")
 

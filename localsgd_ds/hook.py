@@ -116,9 +116,7 @@ class LocalSGD:
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._buffers = list(engine.module.buffers())
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        # The parameters become views into one flat buffer per dtype, so a sync all-reduces that buffer in
-        # place in bucket-sized chunks: no copy in or out, no extra memory (see averaging.flatten_).
-        self._flatten_params()
+        self._flatten()
         self._slow_anchor: list[torch.Tensor] | None = None
         self._slow_momentum: list[torch.Tensor] | None = None
 
@@ -245,8 +243,19 @@ class LocalSGD:
         start = time.perf_counter()
         sent = 0
         stale = self.is_stale
+        if [t.data_ptr() for t in self._flat_members] != self._flat_ptrs:
+            # Someone re-pointed parameter storage after attach (e.g. model.to(memory_format=...)).
+            log.warning("local_sgd: parameters or buffers were moved after attach(); flattening them again")
+            self._flatten()
         if stale:
-            sent += self._average_params()
+            # One in-place all-reduce per dtype: the parameters and, under "average", the float buffers.
+            sent += average_flat_(self._flat, world_size=self.world_size)
+            sent += average_(
+                self._loose_params,
+                world_size=self.world_size,
+                bucket_bytes=self._bucket_bytes,
+                scratch=self._scratch,
+            )
             if not model_only and cfg.slowmo is not None:
                 assert self._slow_anchor is not None and self._slow_momentum is not None
                 if lr is None:
@@ -262,34 +271,51 @@ class LocalSGD:
             if not model_only:
                 sent += self._sync_momentum()
             self._steps_since_sync = 0
-        sent += self._sync_buffers()
+        elif self.world_size > 1:
+            # The parameters are identical already: only the buffer part of the flat buffers.
+            tails = [flat[n:] for flat, n in zip(self._flat, self._flat_param_numel) if flat.numel() > n]
+            sent += average_flat_(tails, world_size=self.world_size)
+        sent += self._sync_other_buffers()
         _device_synchronize(self._device)
         self.stats.seconds += time.perf_counter() - start
         self.stats.bytes += sent
         self.stats.syncs += int(stale)
         self.stats.forced_syncs += int(stale and forced)
 
-    def _average_params(self) -> int:
-        if [p.data_ptr() for p in self._params] != self._flat_ptrs:
-            # Someone re-pointed parameter storage after attach (e.g. model.to(memory_format=...)).
-            log.warning("local_sgd: parameters were moved after attach(); flattening them again")
-            self._flatten_params()
-        sent = average_flat_(self._flat, world_size=self.world_size, bucket_bytes=self._bucket_bytes)
-        return sent + average_(
-            self._loose, world_size=self.world_size, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+    def _flatten(self) -> None:
+        """Make the parameters, then (under the "average" policy) the floating-point buffers, views into one
+        flat buffer per dtype, so that a sync is one in-place all-reduce per dtype: no copy, no extra
+        memory (see ``averaging.flatten_``). Buffers sit after the parameters, so the mSGD phase can
+        average the buffer part alone."""
+        joined = (
+            [b for b in self._buffers if b.is_floating_point()] if self.config.buffers == "average" else []
         )
+        members = self._params + joined
+        self._flat, loose = flatten_(members)
+        loose_ids = {id(t) for t in loose}
+        self._loose_params = [p for p in self._params if id(p) in loose_ids]
+        in_flat = {id(b) for b in joined if id(b) not in loose_ids}
+        self._other_buffers = [b for b in self._buffers if id(b) not in in_flat]
+        param_numel: dict[tuple[torch.dtype, torch.device], int] = {}
+        for p in self._params:
+            if id(p) not in loose_ids:
+                key = (p.dtype, p.device)
+                param_numel[key] = param_numel.get(key, 0) + p.numel()
+        self._flat_param_numel = [param_numel.get((f.dtype, f.device), 0) for f in self._flat]
+        self._flat_members = members
+        self._flat_ptrs = [t.data_ptr() for t in members]
 
-    def _flatten_params(self) -> None:
-        self._flat, self._loose = flatten_(self._params)
-        self._flat_ptrs = [p.data_ptr() for p in self._params]
-
-    def _sync_buffers(self) -> int:
-        if self.world_size == 1 or self.config.buffers == "local" or not self._buffers:
+    def _sync_other_buffers(self) -> int:
+        """Buffers outside the flat buffers: integer ones (averaged as integers), or all under "broadcast"."""
+        if self.world_size == 1 or self.config.buffers == "local":
             return 0
         if self.config.buffers == "broadcast":
             return broadcast_(self._buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch)
         return average_(
-            self._buffers, world_size=self.world_size, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+            self._other_buffers,
+            world_size=self.world_size,
+            bucket_bytes=self._bucket_bytes,
+            scratch=self._scratch,
         )
 
     def _momentum_tensors(self) -> list[torch.Tensor]:

@@ -121,13 +121,22 @@ def msgd_parity() -> dict:
     ours, plain = [], []
     engine = engine_for({"H": 4, "T": 100})
     hook = localsgd_ds.attach(engine, steps_per_epoch=3)
-    train(engine, 6, hook=hook, trace=ours)
+    train(engine, 3, hook=hook, trace=ours)
+    # Evaluating the average in the mSGD phase: BN statistics averaged inside, this rank's back after.
+    before = engine.module.bn.running_mean.clone()
+    with hook.averaged():
+        inside = engine.module.bn.running_mean.clone()
+    after = engine.module.bn.running_mean.clone()
+    train(engine, 3, start=3, hook=hook, trace=ours)
     reference = engine_for(None)
     train(reference, 6, trace=plain)
     return {
         "ours": [t["params"] for t in ours],
         "plain": [t["params"] for t in plain],
         "stats": hook.stats.as_dict(),
+        "bn_before": before,
+        "bn_inside": inside,
+        "bn_after": after,
     }
 
 

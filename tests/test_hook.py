@@ -65,6 +65,12 @@ def test_msgd_phase_equals_plain_deepspeed_step_for_step(runs):
             for a, b in zip(ours, plain):
                 assert torch.equal(a, b), f"step {step} differs from plain DeepSpeed"
         assert r["stats"]["syncs"] == 0 and r["stats"]["grad_allreduces"] == 6
+    ranks = per_rank(runs, "msgd_parity")
+    mean = (ranks[0]["bn_before"] + ranks[1]["bn_before"]) / 2
+    assert not torch.equal(ranks[0]["bn_before"], ranks[1]["bn_before"])  # DeepSpeed never syncs buffers
+    for r in ranks:  # averaged() evaluates the mean statistics, then gives each rank its own back
+        torch.testing.assert_close(r["bn_inside"], mean, atol=ATOL, rtol=0)
+        assert torch.equal(r["bn_after"], r["bn_before"])
 
 
 @pytest.mark.parametrize("k", ["k2", "k4"])
@@ -75,8 +81,8 @@ def test_local_sgd_no_collectives_between_syncs_and_matches_hand_reference(runs,
     assert all(t["local"] for t in trace)
     for t in trace:
         if (t["step"] + 1) % 3 == 0:  # H = 3: a sync after steps 3 and 6
-            # params (fp32), buffers (fp32) and num_batches_tracked (int64): three buckets, not one per tensor
-            assert t["collectives"] == ["all_reduce"] * 3, t
+            # parameters and BN statistics share one flat fp32 buffer; num_batches_tracked (int64) is apart
+            assert t["collectives"] == ["all_reduce"] * 2, t
         else:
             assert t["collectives"] == [], f"step {t['step']} issued {t['collectives']}"
     for step_idx, t in enumerate(trace):
@@ -94,7 +100,7 @@ def test_post_local_switches_at_T_times_steps_per_epoch(runs, k):
     assert [t["local"] for t in trace] == [False] * 4 + [True] * 5  # T = 1 epoch of 4 steps
     for t in trace[:4]:
         assert t["collectives"] == ["all_reduce"], t  # DeepSpeed's own gradient all-reduce, one bucket
-    assert [len(t["collectives"]) for t in trace[4:]] == [0, 3, 0, 3, 0]  # first sync H = 2 after the switch
+    assert [len(t["collectives"]) for t in trace[4:]] == [0, 2, 0, 2, 0]  # first sync H = 2 after the switch
     assert results[0]["stats"]["grad_allreduces"] == 4 and results[0]["stats"]["syncs"] == 2
     assert_matches_reference(results, reference(len(results), 9, H=2, switch=4))
 
@@ -134,7 +140,7 @@ def test_slowmo_beta0_alpha1_is_plain_local_sgd_and_beta_matches_formula(runs):
 def test_gradient_accumulation_counts_optimizer_steps_not_micro_batches(runs):
     results = per_rank(runs, "grad_accumulation")
     assert results[0]["step"] == 5
-    assert [len(t["collectives"]) for t in results[0]["trace"]] == [0, 3, 0, 3, 0]
+    assert [len(t["collectives"]) for t in results[0]["trace"]] == [0, 2, 0, 2, 0]
     assert_matches_reference(results, reference(2, 5, H=2, switch=0, gas=3))
 
 
@@ -142,13 +148,13 @@ def test_gradient_clipping_is_local_in_the_local_phase(runs):
     results = per_rank(runs, "clipping")
     trace = results[0]["trace"]
     # mSGD steps: the gradient all-reduce plus DeepSpeed's norm all-reduce; local steps: nothing
-    assert [len(t["collectives"]) for t in trace] == [2, 2, 0, 3, 0, 3]
+    assert [len(t["collectives"]) for t in trace] == [2, 2, 0, 2, 0, 2]
     assert_matches_reference(results, reference(2, 6, H=2, switch=2, clip=0.05))
 
 
 def test_autocast_bf16_averages_the_fp32_weights(runs):
     results = per_rank(runs, "autocast_bf16")
-    assert [len(t["collectives"]) for t in results[0]["trace"]] == [0, 3, 0, 3]
+    assert [len(t["collectives"]) for t in results[0]["trace"]] == [0, 2, 0, 2]
     for name, v in results[0]["model"].items():
         assert v.dtype in (torch.float32, torch.int64), name
         assert torch.equal(v, results[1]["model"][name]), f"{name} differs right after a sync"
