@@ -19,6 +19,7 @@ Ratios are medians over interleaved rounds (A B, B A, ...) with their min-max.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -206,6 +207,20 @@ def machine() -> dict:
     except Exception:  # noqa: BLE001 - a GPU-only box may lack it; only the version string is wanted
         ds_version = None
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    # The hook is what is measured: record its exact state (uncommitted edits included).
+    hook_state = git("rev-parse", "--short", "HEAD")
+    diff = git("diff", "HEAD", "--", "localsgd_ds")
+    if diff:
+        hook_state += (
+            f" + uncommitted localsgd_ds/ changes (diff sha1 {hashlib.sha1(diff.encode()).hexdigest()[:10]})"
+        )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -216,6 +231,7 @@ def machine() -> dict:
         "deepspeed": ds_version,
         "load_average_start": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "localsgd_ds": hook_state,
     }
 
 

@@ -127,11 +127,13 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
     }
     breakdown = r0.get("sync_breakdown")
     if breakdown is not None:
-        timed_keys = [k for k in breakdown if isinstance(breakdown[k], list) and k != "flat_bytes"]
+        parts = [r["sync_breakdown"] for r in ranks]
+        keys = ("allreduce_flat", "divide", "other_buffers", "raw_allreduce", "sketch")
         case["sync_breakdown"] = {
-            "chunks": breakdown["chunks"],
             "flat_bytes": breakdown["flat_bytes"],
-            **{k: summary(slowest([r["sync_breakdown"] for r in ranks], k)) for k in timed_keys},
+            "other_buffer_tensors": breakdown["other_buffer_count"],
+            **{k: summary(slowest(parts, k)) for k in keys},
+            "sketch_over_raw": ratio(slowest(parts, "sketch"), slowest(parts, "raw_allreduce")),
         }
     if "peer_sync_s" in r0:
         psync, praw = slowest(ranks, "peer_sync_s"), slowest(ranks, "peer_raw_allreduce_s")
@@ -338,9 +340,11 @@ def case_lines(case: dict) -> str:
         sb = case["sync_breakdown"]
         b = {k: v["median"] for k, v in sb.items() if isinstance(v, dict)}
         lines.append(
-            f"{tag} sync pieces (medians): all-reduce of the flat parameters in {sb['chunks']} chunk(s) "
-            f"{_ms(b['allreduce_chunks'])} (as one: {_ms(b['allreduce_whole'])}) + divide {_ms(b['divide'])} + "
-            f"buffers {_ms(b['buffers'])} ms vs one raw all-reduce {_ms(b['raw_allreduce'])} ms"
+            f"{tag} sync pieces (medians): in-place all-reduce of {len(sb['flat_bytes'])} flat buffer(s) "
+            f"{_ms(b['allreduce_flat'])} + divide {_ms(b['divide'])} + {sb['other_buffer_tensors']} other buffers "
+            f"{_ms(b['other_buffers'])} ms vs one raw all-reduce {_ms(b['raw_allreduce'])} ms; a sketch (all floats "
+            f"in one buffer, counters all-reduced alongside, divide overlapped): {_ms(b['sketch'])} ms, "
+            f"sketch / raw {_r(sb['sketch_over_raw'])}"
         )
     if "peer_sync_over_raw" in r:
         lines.append(
@@ -368,13 +372,15 @@ def case_lines(case: dict) -> str:
             f"PyTorch {m['peer_peak_with_sync_over_without']:.3f}"
         )
     v = case["cost_model"]
+    fitted = v["fitted_link"]["gbit_per_s"]
     local = (
         f"local SGD rows median |error| {v['local_median_abs_error']:.1%}, max {v['local_max_abs_error']:.1%}; "
         if v["local_median_abs_error"] is not None
         else ""
     )
     lines.append(
-        f"{tag} cost model ({v['bandwidth']}: {v['link']['gbit_per_s']:.2f} Gbit/s, "
+        f"{tag} cost model ({v['bandwidth']}: {v['link']['gbit_per_s']:.2f} Gbit/s"
+        f"{'' if case['link_gbit'] is None else f' (fitted {fitted:.2f})'}, "
         f"{v['link']['latency_s'] * 1e6:.0f} us/hop; compute = the no-communication step of the same round): "
         f"{local}mSGD row error {v['msgd_error']:+.1%}"
     )

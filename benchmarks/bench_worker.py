@@ -278,11 +278,11 @@ def interleaved(tasks: list, rounds: int) -> list:
 
 
 def sync_breakdown(hook, rounds: int) -> dict | None:
-    """Time the pieces of a sync the way ``localsgd_ds.averaging.average_flat_`` does them (in-place
-    all-reduce of the flat parameter buffer in bucket-sized chunks, then a divide), the buffers' average,
-    and the alternatives (one all-reduce per flat buffer), against one raw all-reduce of the same bytes.
-    Works on zero-filled copies, so the model is left alone. Reads the hook's private layout on purpose
-    (``_flat``, ``_buffers``, ``_bucket_bytes``); returns None if that layout is not there."""
+    """Time the pieces of a sync the way the hook does them (an in-place all-reduce of each flat buffer
+    the parameters live in, a divide, the buffers outside the flat buffers), against one raw all-reduce
+    of the same bytes, plus a sketch of a cheaper sync. Works on zero-filled copies, so the model is left
+    alone. Reads the hook's private layout on purpose (``_flat``, ``_buffers``, ``_other_buffers``,
+    ``_bucket_bytes``); returns None if that layout is not there."""
     from localsgd_ds.averaging import average_
 
     flats = getattr(hook, "_flat", None)
@@ -290,24 +290,41 @@ def sync_breakdown(hook, rounds: int) -> dict | None:
         return None
     world = dist.get_world_size()
     flats = [torch.zeros_like(f) for f in flats]
-    buffers = [torch.zeros_like(b) for b in hook._buffers]
-    chunk = max(1, hook._bucket_bytes // 4)
-    raw = torch.zeros(sum(f.numel() for f in flats))
+    in_flat = sum(f.numel() for f in flats)
+    others = getattr(hook, "_other_buffers", hook._buffers)
+    others = [torch.zeros_like(b) for b in others]
+    bucket = hook._bucket_bytes
     scratch: dict = {}
+    float_others = sum(b.numel() for b in others if b.is_floating_point())
+    ints = torch.zeros(sum(b.numel() for b in others if not b.is_floating_point()), dtype=torch.int64)
+    raw = torch.zeros(in_flat + float_others + 2 * ints.numel())  # the sync's bytes, in one fp32 tensor
+    # The sketch: everything float in one flat buffer, the integer counters all-reduced alongside (async),
+    # each bucket-sized chunk divided while the next one is reduced.
+    together = torch.zeros(in_flat + float_others)
+
+    def sketch() -> None:
+        pending = dist.all_reduce(ints, async_op=True) if ints.numel() else None
+        parts = together.split(max(1, bucket // 4))
+        works = [dist.all_reduce(p, async_op=True) for p in parts]
+        for p, w in zip(parts, works):
+            w.wait()
+            p.div_(world)
+        if pending is not None:
+            pending.wait()
+            ints.floor_divide_(world)
+
     pieces = {
-        "allreduce_chunks": lambda: [dist.all_reduce(p) for f in flats for p in f.split(chunk)],
-        "allreduce_whole": lambda: [dist.all_reduce(f) for f in flats],
+        "allreduce_flat": lambda: [dist.all_reduce(f) for f in flats],
         "divide": lambda: [f.div_(world) for f in flats],
-        "buffers": lambda: average_(
-            buffers, world_size=world, bucket_bytes=hook._bucket_bytes, scratch=scratch
-        ),
+        "other_buffers": lambda: average_(others, world_size=world, bucket_bytes=bucket, scratch=scratch),
         "raw_allreduce": lambda: dist.all_reduce(raw),
+        "sketch": sketch,
     }
     names = list(pieces)
     rows = interleaved([lambda f=pieces[n]: timed(f) for n in names], rounds)
     out: dict = {n: [r[i] for r in rows] for i, n in enumerate(names)}
-    out["chunks"] = sum(len(f.split(chunk)) for f in flats)
     out["flat_bytes"] = [f.numel() * f.element_size() for f in flats]
+    out["other_buffer_count"] = len(others)
     return out
 
 
