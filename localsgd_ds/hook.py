@@ -287,6 +287,12 @@ class LocalSGD:
         flat buffer per dtype, so that a sync is one in-place all-reduce per dtype: no copy, no extra
         memory (see ``averaging.flatten_``). Buffers sit after the parameters, so the mSGD phase can
         average the buffer part alone."""
+        if not self.config.uses_local_phase:
+            # Plain mSGD never averages parameters, and may run under ZeRO, whose optimizer parameters are
+            # views into DeepSpeed's own partitions: leave all storage alone (buffers take the copy path).
+            self._flat, self._loose_params, self._other_buffers = [], list(self._params), list(self._buffers)
+            self._flat_param_numel, self._flat_members, self._flat_ptrs = [], [], []
+            return
         joined = (
             [b for b in self._buffers if b.is_floating_point()] if self.config.buffers == "average" else []
         )

@@ -140,6 +140,22 @@ def msgd_parity() -> dict:
     }
 
 
+def zero1_msgd() -> dict:
+    """T = null under ZeRO stage 1: the hook stays out of DeepSpeed's partitions; same weights as without it."""
+    zero = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}
+    engine = engine_for({"T": None}, extra=zero)
+    hook = localsgd_ds.attach(engine, steps_per_epoch=2)
+    ours: list = []
+    train(engine, 2, hook=hook, trace=ours)
+    with hook.averaged():  # evaluation: BN statistics averaged, then handed back
+        pass
+    train(engine, 2, start=2, hook=hook, trace=ours)
+    plain: list = []
+    reference = engine_for(None, extra=zero)
+    train(reference, 4, trace=plain)
+    return {"ours": [t["params"] for t in ours], "plain": [t["params"] for t in plain]}
+
+
 def local_h3() -> dict:
     return local_run({"H": 3, "T": 0}, steps=7, spe=5)
 

@@ -25,6 +25,7 @@ FIRST_LAUNCH = [
     "grad_accumulation",
     "clipping",
     "attach_errors",
+    "zero1_msgd",
     "autocast_bf16",
     "ckpt_full",
     "ckpt_part1",
@@ -158,6 +159,14 @@ def test_autocast_bf16_averages_the_fp32_weights(runs):
     for name, v in results[0]["model"].items():
         assert v.dtype in (torch.float32, torch.int64), name
         assert torch.equal(v, results[1]["model"][name]), f"{name} differs right after a sync"
+
+
+def test_msgd_under_zero1_is_untouched(runs):
+    for r in per_rank(runs, "zero1_msgd"):
+        assert len(r["ours"]) == len(r["plain"]) == 4
+        for step, (ours, plain) in enumerate(zip(r["ours"], r["plain"])):
+            for a, b in zip(ours, plain):
+                assert torch.equal(a, b), f"ZeRO-1 step {step} differs from plain DeepSpeed"
 
 
 def test_attach_refuses_bad_setups_by_key(runs):
