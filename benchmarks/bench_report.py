@@ -366,7 +366,7 @@ def case_lines(case: dict) -> str:
         m = case["memory"]
         lines.append(
             f"{tag} memory a sync adds: ours {m['ours_first_sync_extra_bytes'] / MB:.1f} MB first sync "
-            f"(bucket {m['bucket_bytes'] / MB:.1f} MB), {m['ours_sync_extra_bytes'] / MB:.1f} MB later; PyTorch "
+            f"(bucket bound {m['bucket_bytes'] / MB:.1f} MB), {m['ours_sync_extra_bytes'] / MB:.1f} MB later; PyTorch "
             f"{m['peer_sync_extra_bytes'] / MB:.1f} MB; full flat copy {m['param_bytes'] / MB:.1f} MB; "
             f"peak with a sync / without: ours {m['ours_peak_with_sync_over_without']:.3f}, "
             f"PyTorch {m['peer_peak_with_sync_over_without']:.3f}"
