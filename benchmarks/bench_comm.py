@@ -364,6 +364,7 @@ def main(argv=None) -> dict:
 
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_s"] = round(time.monotonic() - started, 1)
+    bench_report.annotate_runs(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = bench_report.markdown(results)
     (out / "table.md").write_text(table)

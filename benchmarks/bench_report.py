@@ -424,14 +424,20 @@ def markdown(results: dict) -> str:
     out = [
         "# Communication benchmark",
         "",
-        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}, torch {m['torch']}, DeepSpeed {m['deepspeed']}; one thread per rank; load average "
-        f"{m['load_average_start'][0]:.1f} at the start and {m['load_average_end'][0]:.1f} at the end (the machine "
-        "was shared). Medians over interleaved rounds, [min-max]. Command: "
-        f"`python benchmarks/bench_comm.py {' '.join(results['argv'])}`",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, "
+        f"torch {m['torch']}, DeepSpeed {m['deepspeed']}; one thread per rank; the machine was shared with other "
+        "people's test suites (load average per run below). Ratios: median over interleaved rounds of the "
+        "per-round ratio, [min-max, n].",
     ]
     for case in results["cases"]:
         out += ["", f"## {title(case)}", ""]
+        run = case.get("run")
+        if run:
+            out += [
+                f"Run {run['date']}, load average {run['load_average_start']:.1f} -> {run['load_average_end']:.1f}, "
+                f"localsgd_ds {run['localsgd_ds']}, `python benchmarks/bench_comm.py {' '.join(run['argv'])}`",
+                "",
+            ]
         if "compute_s" in case:
             s = case["compute_s"]
             out.append(f"compute per step: {_ms(s['median'])} ms [{_ms(s['min'])}-{_ms(s['max'])}]")
@@ -440,6 +446,22 @@ def markdown(results: dict) -> str:
         if case["steps"]["msgd"] is not None:
             out.append(case_table(case))
     return "\n".join(out) + "\n"
+
+
+def annotate_runs(results: dict) -> None:
+    """Give each case the date, load, hook state and command of its run (for tables merged from runs)."""
+    m = results["machine"]
+    for case in results["cases"]:
+        case.setdefault(
+            "run",
+            {
+                "date": m["date"],
+                "load_average_start": m["load_average_start"][0],
+                "load_average_end": m.get("load_average_end", m["load_average_start"])[0],
+                "localsgd_ds": m.get("localsgd_ds") or "not recorded",
+                "argv": results["argv"],
+            },
+        )
 
 
 def plot(results: dict, path: Path) -> bool:
@@ -497,6 +519,7 @@ def main() -> None:
     merged: dict | None = None
     for path in args.results:
         res = json.loads(path.read_text())
+        annotate_runs(res)
         if merged is None:
             merged = res
         else:
