@@ -128,12 +128,22 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
     breakdown = r0.get("sync_breakdown")
     if breakdown is not None:
         parts = [r["sync_breakdown"] for r in ranks]
-        keys = ("allreduce_flat", "divide", "other_buffers", "raw_allreduce", "sketch")
+        keys = (
+            "allreduce_sum_flat",
+            "divide",
+            "allreduce_mean_flat",
+            "other_buffers_alone",
+            "hook_order",
+            "overlapped_chunks",
+            "raw_allreduce",
+        )
+        raw_parts = slowest(parts, "raw_allreduce")
         case["sync_breakdown"] = {
             "flat_bytes": breakdown["flat_bytes"],
             "other_buffer_tensors": breakdown["other_buffer_count"],
             **{k: summary(slowest(parts, k)) for k in keys},
-            "sketch_over_raw": ratio(slowest(parts, "sketch"), slowest(parts, "raw_allreduce")),
+            "hook_order_over_raw": ratio(slowest(parts, "hook_order"), raw_parts),
+            "overlapped_chunks_over_raw": ratio(slowest(parts, "overlapped_chunks"), raw_parts),
         }
     if "peer_sync_s" in r0:
         psync, praw = slowest(ranks, "peer_sync_s"), slowest(ranks, "peer_raw_allreduce_s")
@@ -340,11 +350,13 @@ def case_lines(case: dict) -> str:
         sb = case["sync_breakdown"]
         b = {k: v["median"] for k, v in sb.items() if isinstance(v, dict)}
         lines.append(
-            f"{tag} sync pieces (medians): in-place all-reduce of {len(sb['flat_bytes'])} flat buffer(s) "
-            f"{_ms(b['allreduce_flat'])} + divide {_ms(b['divide'])} + {sb['other_buffer_tensors']} other buffers "
-            f"{_ms(b['other_buffers'])} ms vs one raw all-reduce {_ms(b['raw_allreduce'])} ms; a sketch (all floats "
-            f"in one buffer, counters all-reduced alongside, divide overlapped): {_ms(b['sketch'])} ms, "
-            f"sketch / raw {_r(sb['sketch_over_raw'])}"
+            f"{tag} sync pieces (medians): sum all-reduce of {len(sb['flat_bytes'])} flat buffer(s) "
+            f"{_ms(b['allreduce_sum_flat'])} + divide {_ms(b['divide'])} ms; as one mean all-reduce "
+            f"{_ms(b['allreduce_mean_flat'])} ms; {sb['other_buffer_tensors']} other buffers alone "
+            f"{_ms(b['other_buffers_alone'])} ms; both in the hook's order (other buffers started alongside) "
+            f"{_ms(b['hook_order'])} ms vs one raw all-reduce {_ms(b['raw_allreduce'])} ms, ratio "
+            f"{_r(sb['hook_order_over_raw'])}; not used: bucket-sized async chunks with the divide overlapped "
+            f"{_ms(b['overlapped_chunks'])} ms, ratio {_r(sb['overlapped_chunks_over_raw'])}"
         )
     if "peer_sync_over_raw" in r:
         lines.append(

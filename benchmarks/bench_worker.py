@@ -278,47 +278,48 @@ def interleaved(tasks: list, rounds: int) -> list:
 
 
 def sync_breakdown(hook, rounds: int) -> dict | None:
-    """Time the pieces of a sync the way the hook does them (an in-place all-reduce of each flat buffer
-    the parameters live in, a divide, the buffers outside the flat buffers), against one raw all-reduce
-    of the same bytes, plus a sketch of a cheaper sync. Works on zero-filled copies, so the model is left
-    alone. Reads the hook's private layout on purpose (``_flat``, ``_buffers``, ``_other_buffers``,
-    ``_bucket_bytes``); returns None if that layout is not there."""
-    from localsgd_ds.averaging import average_
+    """Time the pieces of a sync the way the hook does them, against one raw all-reduce of the same bytes:
+    the flat buffers' all-reduce as a plain sum and the divide pass that makes it a mean, the mean in one
+    call (``average_flat_``: ReduceOp.AVG where the backend has it), the buffers outside the flat buffers
+    alone and started alongside the flat all-reduce (the hook's order), and an alternative the hook does
+    not use: bucket-sized async chunks, each divided while the next is reduced. Works on zero-filled
+    copies, so the model is left alone. Reads the hook's private layout on purpose (``_flat``,
+    ``_other_buffers``, ``_bucket_bytes``); returns None if that layout is not there."""
+    from localsgd_ds.averaging import average_flat_, start_average_
 
     flats = getattr(hook, "_flat", None)
     if not flats:
         return None
     world = dist.get_world_size()
     flats = [torch.zeros_like(f) for f in flats]
-    in_flat = sum(f.numel() for f in flats)
-    others = getattr(hook, "_other_buffers", hook._buffers)
-    others = [torch.zeros_like(b) for b in others]
-    bucket = hook._bucket_bytes
-    scratch: dict = {}
-    float_others = sum(b.numel() for b in others if b.is_floating_point())
-    ints = torch.zeros(sum(b.numel() for b in others if not b.is_floating_point()), dtype=torch.int64)
-    raw = torch.zeros(in_flat + float_others + 2 * ints.numel())  # the sync's bytes, in one fp32 tensor
-    # The sketch: everything float in one flat buffer, the integer counters all-reduced alongside (async),
-    # each bucket-sized chunk divided while the next one is reduced.
-    together = torch.zeros(in_flat + float_others)
+    others = [torch.zeros_like(b) for b in getattr(hook, "_other_buffers", hook._buffers)]
+    other_bytes = sum(b.numel() * b.element_size() for b in others)
+    raw = torch.zeros((sum(f.numel() * f.element_size() for f in flats) + other_bytes) // 4)
+    chunk = max(1, hook._bucket_bytes // 4)
 
-    def sketch() -> None:
-        pending = dist.all_reduce(ints, async_op=True) if ints.numel() else None
-        parts = together.split(max(1, bucket // 4))
-        works = [dist.all_reduce(p, async_op=True) for p in parts]
-        for p, w in zip(parts, works):
-            w.wait()
-            p.div_(world)
-        if pending is not None:
-            pending.wait()
-            ints.floor_divide_(world)
+    def alongside() -> None:
+        finish = start_average_(others, world_size=world)
+        average_flat_(flats, world_size=world)
+        finish()
+
+    def overlapped_chunks() -> None:
+        finish = start_average_(others, world_size=world)
+        for flat in flats:
+            parts = flat.split(chunk)
+            works = [dist.all_reduce(p, async_op=True) for p in parts]
+            for p, w in zip(parts, works):
+                w.wait()
+                p.div_(world)
+        finish()
 
     pieces = {
-        "allreduce_flat": lambda: [dist.all_reduce(f) for f in flats],
+        "allreduce_sum_flat": lambda: [dist.all_reduce(f) for f in flats],
         "divide": lambda: [f.div_(world) for f in flats],
-        "other_buffers": lambda: average_(others, world_size=world, bucket_bytes=bucket, scratch=scratch),
+        "allreduce_mean_flat": lambda: average_flat_(flats, world_size=world),
+        "other_buffers_alone": lambda: start_average_(others, world_size=world)(),
+        "hook_order": alongside,
+        "overlapped_chunks": overlapped_chunks,
         "raw_allreduce": lambda: dist.all_reduce(raw),
-        "sketch": sketch,
     }
     names = list(pieces)
     rows = interleaved([lambda f=pieces[n]: timed(f) for n in names], rounds)

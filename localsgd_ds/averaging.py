@@ -109,8 +109,11 @@ def average_(
         return 0
 
     def mean_(t: torch.Tensor) -> None:
-        dist.all_reduce(t, group=group)
-        _mean_(t, world_size)
+        if t.is_floating_point():
+            _all_reduce_mean_(t, world_size, group)
+        else:
+            dist.all_reduce(t, group=group)
+            _mean_(t, world_size)
 
     return _bucketed_(tensors, mean_, bucket_bytes=bucket_bytes, scratch=scratch)
 
@@ -148,6 +151,31 @@ def flatten_(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[t
     return buffers, leftovers
 
 
+_NATIVE_AVG: dict[str, bool] = {}
+"""Per backend name: whether ``all_reduce(op=AVG)`` works (NCCL, and gloo in recent PyTorch)."""
+
+
+def _all_reduce_mean_(t: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> None:
+    """Replace a floating-point tensor by its mean over ``group``, in place.
+
+    ``ReduceOp.AVG`` where the backend has it: on NCCL the division happens inside the reduction kernel,
+    with no extra pass over the tensor. Elsewhere a sum, then a divide. A backend that does not know AVG
+    refuses it before anything is sent, so the fallback cannot desynchronize the ranks.
+    """
+    backend = str(dist.get_backend(group))
+    if _NATIVE_AVG.get(backend, True):
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.AVG, group=group)
+            _NATIVE_AVG[backend] = True
+            return
+        except (RuntimeError, ValueError) as err:
+            if backend in _NATIVE_AVG or "AVG" not in str(err).upper():
+                raise
+            _NATIVE_AVG[backend] = False
+    dist.all_reduce(t, group=group)
+    _mean_(t, world_size)
+
+
 @torch.no_grad()
 def average_flat_(
     buffers: Sequence[torch.Tensor], *, world_size: int, group: dist.ProcessGroup | None = None
@@ -157,10 +185,51 @@ def average_flat_(
         return 0
     sent = 0
     for flat in buffers:
-        dist.all_reduce(flat, group=group)
-        _mean_(flat, world_size)
+        if flat.is_floating_point():
+            _all_reduce_mean_(flat, world_size, group)
+        else:
+            dist.all_reduce(flat, group=group)
+            _mean_(flat, world_size)
         sent += flat.numel() * flat.element_size()
     return sent
+
+
+@torch.no_grad()
+def start_average_(
+    tensors: Sequence[torch.Tensor], *, world_size: int, group: dist.ProcessGroup | None = None
+) -> Callable[[], int]:
+    """Start averaging a few small tensors and return the function that finishes it (returns the bytes).
+
+    Packs the tensors into one new tensor per (dtype, device) and starts one asynchronous all-reduce each,
+    so that BatchNorm's integer counters travel alongside the large parameter all-reduce instead of
+    paying a round-trip of their own after it. The packed copies are extra memory: callers keep this for
+    tensors that fit one bucket and use ``average_`` for the rest. Integers are averaged as integers.
+    """
+    if world_size == 1 or not tensors:
+        return lambda: 0
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    pending = []
+    for members in groups.values():
+        # reshape(-1) reads each tensor in logical order, as view(t.shape) writes it back below.
+        packed = torch.cat([t.reshape(-1) for t in members])
+        pending.append((packed, members, dist.all_reduce(packed, group=group, async_op=True)))
+
+    @torch.no_grad()
+    def finish() -> int:
+        sent = 0
+        for packed, members, work in pending:
+            work.wait()
+            _mean_(packed, world_size)
+            offset = 0
+            for t in members:
+                t.copy_(packed[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            sent += packed.numel() * packed.element_size()
+        return sent
+
+    return finish
 
 
 def broadcast_(

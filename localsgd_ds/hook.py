@@ -28,7 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd_ds.averaging import average_, average_flat_, broadcast_, flatten_, slowmo_step_
+from localsgd_ds.averaging import (
+    average_,
+    average_flat_,
+    broadcast_,
+    flatten_,
+    slowmo_step_,
+    start_average_,
+)
 from localsgd_ds.config import ConfigError, LocalSGDConfig, check_deepspeed_settings
 
 log = logging.getLogger("localsgd_ds")
@@ -247,6 +254,8 @@ class LocalSGD:
             # Someone re-pointed parameter storage after attach (e.g. model.to(memory_format=...)).
             log.warning("local_sgd: parameters or buffers were moved after attach(); flattening them again")
             self._flatten()
+        # The buffers outside the flat buffers (BatchNorm's integer counters) go first and travel alongside.
+        finish_other_buffers = self._start_other_buffers()
         if stale:
             # One in-place all-reduce per dtype: the parameters and, under "average", the float buffers.
             sent += average_flat_(self._flat, world_size=self.world_size)
@@ -275,7 +284,7 @@ class LocalSGD:
             # The parameters are identical already: only the buffer part of the flat buffers.
             tails = [flat[n:] for flat, n in zip(self._flat, self._flat_param_numel) if flat.numel() > n]
             sent += average_flat_(tails, world_size=self.world_size)
-        sent += self._sync_other_buffers()
+        sent += finish_other_buffers()
         _device_synchronize(self._device)
         self.stats.seconds += time.perf_counter() - start
         self.stats.bytes += sent
@@ -311,13 +320,20 @@ class LocalSGD:
         self._flat_members = members
         self._flat_ptrs = [t.data_ptr() for t in members]
 
-    def _sync_other_buffers(self) -> int:
-        """Buffers outside the flat buffers: integer ones (averaged as integers), or all under "broadcast"."""
+    def _start_other_buffers(self) -> Callable[[], int]:
+        """Buffers outside the flat buffers: integer ones (averaged as integers), or all under "broadcast".
+        Returns the function that does (or finishes) the job and returns the bytes: buffers that fit one
+        bucket are averaged asynchronously from now on, overlapping the parameter all-reduce; the rest waits
+        for that function, in bounded buckets."""
         if self.world_size == 1 or self.config.buffers == "local":
-            return 0
+            return lambda: 0
         if self.config.buffers == "broadcast":
-            return broadcast_(self._buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch)
-        return average_(
+            return lambda: broadcast_(
+                self._buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+            )
+        if sum(b.numel() * b.element_size() for b in self._other_buffers) <= self._bucket_bytes:
+            return start_average_(self._other_buffers, world_size=self.world_size)
+        return lambda: average_(
             self._other_buffers,
             world_size=self.world_size,
             bucket_bytes=self._bucket_bytes,
