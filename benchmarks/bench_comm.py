@@ -152,7 +152,8 @@ def launch(cfg: dict, workers: int, links: LimitedLinks | None = None, timeout: 
         # workspace per rank in /dev/shm at init_distributed and never removes it (gloo does not need it).
         env.pop("LOCAL_SIZE", None)
         if cfg.get("malloc_no_trim") and cfg["mode"] == "timing":
-            # Keep freed memory in the heap: no page faults when DeepSpeed reallocates its gradients.
+            # Keep freed memory in the heap: all sides share each process, and with glibc's defaults its
+            # heap trimming re-faults the memory DeepSpeed frees and reallocates every step (benchmarks/README.md).
             env["GLIBC_TUNABLES"] = (
                 "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
             )
@@ -255,7 +256,7 @@ def base_config(args, model: str, mode: str, out_dir: Path) -> dict:
         else [4 << 10, 64 << 10, 1 << 20, 8 << 20, 32 << 20, 64 << 20],
         "calibration_reps": 3 if tiny else 5,
         "peer": not args.no_peer,
-        "malloc_no_trim": args.malloc_no_trim,
+        "malloc_no_trim": args.malloc == "no-trim",
         "device": args.device,
         "out_dir": str(out_dir),
     }
@@ -278,9 +279,12 @@ def parse_args(argv=None):
     p.add_argument("--no-peer", action="store_true", help="leave PyTorch's post-local SGD out")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument(
-        "--malloc-no-trim",
-        action="store_true",
-        help="run the timed ranks with glibc's heap trimming and dynamic mmap threshold off (GLIBC_TUNABLES)",
+        "--malloc",
+        choices=["no-trim", "default"],
+        default="no-trim",
+        help="glibc malloc of the timed ranks: no-trim (default) keeps freed memory in the heap "
+        "(GLIBC_TUNABLES trim and mmap thresholds), so that no side pays page faults for memory another "
+        "side's frees made glibc hand back; default leaves glibc as it is",
     )
     p.add_argument(
         "--hook-only", action="store_true", help='issue "hook": K=2, ResNet-18, the two ratios only'

@@ -125,6 +125,11 @@ def timing_case(cfg: dict, ranks: list[dict], *, workers: int, transport: str, g
         "sync_over_raw": ratio(sync, raw),
         "sync_over_raw_of_minima": min(sync) / min(raw),
     }
+    if "raw_avg_allreduce_s" in r0:
+        raw_avg = slowest(ranks, "raw_avg_allreduce_s")
+        case["raw_avg_allreduce_s"] = summary(raw_avg)
+        ratios["sync_over_raw_avg"] = ratio(sync, raw_avg)
+        ratios["raw_avg_over_raw"] = ratio(raw_avg, raw)
     breakdown = r0.get("sync_breakdown")
     if breakdown is not None:
         parts = [r["sync_breakdown"] for r in ranks]
@@ -322,8 +327,7 @@ def title(case: dict) -> str:
     link = (
         "loopback gloo" if case["link_gbit"] is None else f"gloo over veth + tc {case['link_gbit']:g} Gbit/s"
     )
-    if case["config"].get("malloc_no_trim"):
-        link += ", glibc heap trimming off"
+    link += ", glibc heap trimming off" if case["config"].get("malloc_no_trim") else ", default glibc malloc"
     return (
         f"{case['model']} ({case['params'] / 1e6:.1f} M params, {case['param_bytes'] / MB:.1f} MB), "
         f"K = {case['workers']}, {link}, batch {case['batch']} of {case['image_size']}x{case['image_size']}"
@@ -346,6 +350,12 @@ def case_lines(case: dict) -> str:
         f"(target <= 1.10; {_ms(case['sync_s']['median'])} vs {_ms(case['raw_allreduce_s']['median'])} ms; "
         f"fastest over fastest {r['sync_over_raw_of_minima']:.3f})",
     ]
+    if "sync_over_raw_avg" in r:
+        lines.append(
+            f"{tag} the backend's own mean all-reduce (ReduceOp.AVG) of the same bytes / raw: "
+            f"{_r(r['raw_avg_over_raw'])}; sync / that mean all-reduce: {_r(r['sync_over_raw_avg'])} "
+            f"({_ms(case['raw_avg_allreduce_s']['median'])} ms)"
+        )
     if "sync_breakdown" in case:
         sb = case["sync_breakdown"]
         b = {k: v["median"] for k, v in sb.items() if isinstance(v, dict)}

@@ -388,9 +388,18 @@ def run_timing(cfg: dict, rank: int, world: int) -> dict:
         peer.attach(NEVER)
         raw_peer = torch.zeros(peer.param_bytes // 4)
         tasks += [after_step(peer, peer.average_now), after_step(peer, lambda: dist.all_reduce(raw_peer))]
+    # Also the backend's own averaging collective of the same bytes (ReduceOp.AVG, where it has one): the
+    # floor for any sync that must divide by K, since a sum all-reduce leaves that pass undone.
+    try:
+        dist.all_reduce(raw, op=dist.ReduceOp.AVG)
+        tasks.append(after_step(ours, lambda: dist.all_reduce(raw, op=dist.ReduceOp.AVG)))
+    except (RuntimeError, ValueError):
+        pass
     rows = interleaved(tasks, cfg["sync_rounds"])
     result["sync_s"] = [r[0] for r in rows]
     result["raw_allreduce_s"] = [r[1] for r in rows]
+    if len(rows[0]) in (3, 5):
+        result["raw_avg_allreduce_s"] = [r[-1] for r in rows]
     if cfg["peer"]:
         result["peer_sync_s"] = [r[2] for r in rows]
         result["peer_raw_allreduce_s"] = [r[3] for r in rows]
