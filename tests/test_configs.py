@@ -165,3 +165,92 @@ def test_resolved_config_fills_defaults_and_reloads():
     assert resolved["train"]["seed"] == 0 and resolved["train"]["lr_schedule"]["gamma"] == 0.1
     assert RunConfig.from_dict(json.loads(json.dumps(resolved)), world_size=2) == run
     assert run.method() == "postlocal"
+
+
+# -- pyproject.toml: the install commands of the README install what the code imports ----------------------
+
+
+def _imported_distributions(paths: list[Path]) -> dict[str, str]:
+    """Third-party distributions the files import (anywhere, lazy imports too) -> one file importing it."""
+    import ast
+    import importlib.metadata
+
+    module_dists = importlib.metadata.packages_distributions()
+    local = {p.stem for folder in ("tests", "recipes", "benchmarks") for p in (ROOT / folder).glob("*.py")}
+    found = {}
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        optional = {  # imports guarded by `except ImportError` (a fallback or a "pip install x" message)
+            id(node)
+            for guard in ast.walk(tree)
+            if isinstance(guard, ast.Try)
+            and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in guard.handlers
+            )
+            for part in [*guard.body, *guard.handlers]
+            for node in ast.walk(part)
+        }
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names}:
+                if top in sys.stdlib_module_names or top in local or top in ("localsgd_ds", "data_prep"):
+                    continue
+                assert top in module_dists, f"{path.relative_to(ROOT)} imports {top}, which is not installed"
+                for dist in module_dists[top]:
+                    found.setdefault(_canonical(dist), str(path.relative_to(ROOT)))
+    return found
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _installed_closure(requirements: list[str]) -> set[str]:
+    """The distributions ``pip install`` brings for these requirements: them and their own requirements."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = _canonical(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        todo += [Requirement(r) for r in importlib.metadata.requires(req.name) or []]
+    return seen
+
+
+def _project() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "folders"),
+    [
+        # python recipes/quickstart.py: the quickstart, the recipe it launches, data_prep, the library.
+        ("demo", ("recipes", "localsgd_ds", "data_prep")),
+        # python -m pytest: the tests and everything they run (the benchmarks' smoke test included).
+        ("test", ("tests", "benchmarks", "recipes", "localsgd_ds", "data_prep")),
+    ],
+)
+def test_readme_install_extras_cover_every_import(extra, folders):
+    project = _project()
+    installed = _installed_closure(project["dependencies"] + project["optional-dependencies"][extra])
+    paths = [p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))]
+    missing = {dist: where for dist, where in _imported_distributions(paths).items() if dist not in installed}
+    assert not missing, f'pip install -e ".[{extra}]" does not install what these files import: {missing}'
