@@ -283,16 +283,16 @@ def sync_breakdown(hook, rounds: int) -> dict | None:
     call (``average_flat_``: ReduceOp.AVG where the backend has it), the buffers outside the flat buffers
     alone and started alongside the flat all-reduce (the hook's order), and an alternative the hook does
     not use: bucket-sized async chunks, each divided while the next is reduced. Works on zero-filled
-    copies, so the model is left alone. Reads the hook's private layout on purpose (``_flat``,
-    ``_other_buffers``, ``_bucket_bytes``); returns None if that layout is not there."""
+    copies, so the model is left alone. Reads the hook's private layout on purpose (``_layout.flats``,
+    ``_layout.other_buffers``, ``_bucket_bytes``); returns None if that layout is not there."""
     from localsgd_ds.averaging import average_flat_, start_average_
 
-    flats = getattr(hook, "_flat", None)
-    if not flats:
+    layout = getattr(hook, "_layout", None)
+    if layout is None or not layout.flats:
         return None
     world = dist.get_world_size()
-    flats = [torch.zeros_like(f) for f in flats]
-    others = [torch.zeros_like(b) for b in getattr(hook, "_other_buffers", hook._buffers)]
+    flats = [torch.zeros_like(f) for f in layout.flats]
+    others = [torch.zeros_like(b) for b in layout.other_buffers]
     other_bytes = sum(b.numel() * b.element_size() for b in others)
     raw = torch.zeros((sum(f.numel() * f.element_size() for f in flats) + other_bytes) // 4)
     chunk = max(1, hook._bucket_bytes // 4)

@@ -252,17 +252,18 @@ def slowmo_step_(
     anchors: Iterable[torch.Tensor],
     momenta: Iterable[torch.Tensor],
     *,
-    lr: float,
+    lrs: Iterable[float],
     beta: float,
     alpha: float,
 ) -> None:
     """SlowMo outer step, in place. ``params`` hold the fresh average x_avg on entry and the new x on exit;
-    ``anchors`` (x0, fp32) become the new x; ``momenta`` (u, fp32) are updated.
+    ``anchors`` (x0, fp32) become the new x; ``momenta`` (u, fp32) are updated. ``lrs`` holds, for each
+    parameter, the learning rate of its own parameter group at the last optimizer step taken.
 
-    With ``lr == 0`` (for example the very first warmup step) no displacement can be expressed in units
-    of ``lr``: the step is plain averaging and ``u`` is left unchanged.
+    Where ``lr == 0`` (a group frozen by its learning rate, or the very first warmup step) no displacement
+    can be expressed in units of ``lr``: that parameter is plainly averaged and its ``u`` left unchanged.
     """
-    for p, x0, u in zip(params, anchors, momenta, strict=True):
+    for p, x0, u, lr in zip(params, anchors, momenta, lrs, strict=True):
         if lr > 0:
             u.mul_(beta).add_(x0 - p.float(), alpha=1.0 / lr)
             x0.add_(u, alpha=-alpha * lr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 BUFFER_POLICIES = ("average", "broadcast", "local")
@@ -29,7 +29,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what every numeric config key takes."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -62,9 +63,9 @@ class SlowMoConfig:
         _check_keys(block, cls.KEYS, "local_sgd.slowmo")
         beta = block.get("beta", 0.0)
         alpha = block.get("alpha", 1.0)
-        if not _is_number(beta) or not 0.0 <= beta < 1.0:
+        if not is_number(beta) or not 0.0 <= beta < 1.0:
             raise ConfigError(f"local_sgd.slowmo.beta must be a number in [0, 1), got {beta!r}")
-        if not _is_number(alpha) or alpha <= 0.0:
+        if not is_number(alpha) or alpha <= 0.0:
             raise ConfigError(f"local_sgd.slowmo.alpha must be a number > 0, got {alpha!r}")
         return cls(beta=float(beta), alpha=float(alpha))
 
@@ -108,14 +109,6 @@ class LocalSGDConfig:
         K = block.get("K", "auto")
         if K != "auto" and (not _is_int(K) or K < 1):
             raise ConfigError(f'local_sgd.K must be an integer >= 1 or "auto", got {K!r}')
-        if world_size is not None:
-            if K == "auto":
-                K = world_size
-            elif K != world_size:
-                raise ConfigError(
-                    f"local_sgd.K = {K} but the data-parallel world size is {world_size}: "
-                    f'launch {K} workers or set K to {world_size} (or "auto")'
-                )
 
         if "T" not in block and H > 1:
             raise ConfigError(
@@ -139,12 +132,24 @@ class LocalSGDConfig:
         slowmo = None if slowmo_block is None else SlowMoConfig.from_dict(slowmo_block)
 
         bucket_mb = block.get("bucket_mb", 25.0)
-        if not _is_number(bucket_mb) or bucket_mb <= 0:
+        if not is_number(bucket_mb) or bucket_mb <= 0:
             raise ConfigError(f"local_sgd.bucket_mb must be a number > 0, got {bucket_mb!r}")
 
-        return cls(
+        config = cls(
             H=H, K=K, T=T, buffers=buffers, momentum=momentum, slowmo=slowmo, bucket_mb=float(bucket_mb)
         )
+        return config if world_size is None else config.resolve(world_size)
+
+    def resolve(self, world_size: int) -> LocalSGDConfig:
+        """This config with ``K`` checked against (or, for "auto", set to) the number of workers."""
+        if self.K == "auto":
+            return replace(self, K=world_size)
+        if self.K != world_size:
+            raise ConfigError(
+                f"local_sgd.K = {self.K} but the data-parallel world size is {world_size}: "
+                f'launch {self.K} workers or set K to {world_size} (or "auto")'
+            )
+        return self
 
     @property
     def uses_local_phase(self) -> bool:

@@ -12,12 +12,15 @@ the engine's DeepSpeed config and leaves the user's loop as DeepSpeed's own::
     with local_sgd.averaged():        # evaluate the global average without changing training
         evaluate(engine)
 
-This is the one module that reaches into DeepSpeed (0.19) internals; each reach says why.
+This is the one module that reaches into DeepSpeed (0.19) internals; each reach says why. The class keeps
+the state machine (one step counter, the phase, when to sync); where the state lives is ``flat.py`` and
+the math of a sync is ``averaging.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -28,15 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd_ds.averaging import (
-    average_,
-    average_flat_,
-    broadcast_,
-    flatten_,
-    slowmo_step_,
-    start_average_,
-)
-from localsgd_ds.config import ConfigError, LocalSGDConfig, check_deepspeed_settings
+from localsgd_ds.averaging import average_, average_flat_, broadcast_, slowmo_step_, start_average_
+from localsgd_ds.config import ConfigError, LocalSGDConfig
+from localsgd_ds.flat import FlatLayout
 
 log = logging.getLogger("localsgd_ds")
 
@@ -59,7 +56,8 @@ class CommStats:
     seconds: float = 0.0
     """Seconds spent averaging (device synchronized before and after)."""
     grad_allreduces: int = 0
-    """DeepSpeed's gradient all-reduces (mSGD phase)."""
+    """DeepSpeed's gradient all-reduces (mSGD phase): one per optimizer step, whatever the gradient
+    accumulation (DeepSpeed reduces at the accumulation boundary only)."""
     grad_allreduce_bytes: int = 0
     grad_allreduce_seconds: float = 0.0
 
@@ -121,11 +119,25 @@ class LocalSGD:
         # What the optimizer steps (at stage 0 in fp32 or autocast: the module's own fp32 parameters).
         self._optimizer = optimizer
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Each parameter's group, for the SlowMo step (each group's own learning rate).
+        self._group_of = [i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]]
         self._buffers = list(engine.module.buffers())
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        self._flatten()
+        names = {id(t): n for n, t in engine.module.named_parameters(remove_duplicate=False)}
+        self._layout = FlatLayout(
+            self._params,
+            self._buffers,
+            buffer_policy=config.buffers,
+            flatten=config.uses_local_phase,
+            names=names,
+        )
+        # SlowMo: the anchor x0 (the weights at the start of the current period, re-taken from the live
+        # weights at the first local step of every period, so weights loaded after attach are what it
+        # refers to) and the slow momentum u.
         self._slow_anchor: list[torch.Tensor] | None = None
         self._slow_momentum: list[torch.Tensor] | None = None
+        # Each group's learning rate at the last optimizer step taken (what every sync's SlowMo step uses).
+        self._last_lrs: list[float] | None = None
 
         # DeepSpeed internals, wrapped on this engine instance only (detach() puts them back):
         # - step: the one place that knows an optimizer step happened (global_steps moves on a boundary).
@@ -169,32 +181,45 @@ class LocalSGD:
         return self._steps_since_sync > 0
 
     def _apply_phase(self) -> None:
-        local = self.in_local_phase
         # The engine's own switch for its gradient all-reduce in backward (what its 1-bit optimizers use).
-        self.engine.enable_backward_allreduce = not local
-        if local and self.config.slowmo is not None and self._slow_anchor is None:
-            # Entering the local phase: the weights are identical on all ranks, the first anchor x0.
+        self.engine.enable_backward_allreduce = not self.in_local_phase
+
+    @torch.no_grad()
+    def _take_anchor(self) -> None:
+        """x0 = the live weights, identical on all ranks here (the first local step of a period)."""
+        if self._slow_anchor is None:
             self._slow_anchor = [p.detach().float().clone() for p in self._params]
             self._slow_momentum = [torch.zeros_like(a) for a in self._slow_anchor]
+        else:
+            for x0, p in zip(self._slow_anchor, self._params, strict=True):
+                x0.copy_(p)
 
     # -- wrapped engine methods -------------------------------------------------------------------------------
 
     def _engine_step(self, *args: Any, **kwargs: Any) -> Any:
         before = self.engine.global_steps
-        lr = float(self._optimizer.param_groups[0]["lr"])  # the lr this step uses (the scheduler moves it on)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        was_local = self.in_local_phase
+        if boundary and was_local and self.config.slowmo is not None and not self.is_stale:
+            self._take_anchor()
+        # The lrs this step uses (the scheduler moves them on inside the step).
+        lrs = [float(group["lr"]) for group in self._optimizer.param_groups]
         out = self._originals["step"](*args, **kwargs)
         if self.engine.global_steps == before:  # a micro-batch inside gradient accumulation
             return out
-        was_local = self.in_local_phase
+        self._last_lrs = lrs
         self.step += 1
         if was_local:
             self._steps_since_sync += 1
             if self.config.sync_due(self.step, self.steps_per_epoch):
-                self._sync(forced=False, lr=lr)
+                self._sync(forced=False)
         self._apply_phase()
         return out
 
     def _engine_allreduce_gradients(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed calls this on every micro-batch and reduces at the boundary only.
+            return self._originals["allreduce_gradients"](*args, **kwargs)
         _device_synchronize(self._device)
         start = time.perf_counter()
         out = self._originals["allreduce_gradients"](*args, **kwargs)
@@ -234,6 +259,7 @@ class LocalSGD:
         state = (client_state or {}).get("local_sgd")
         if state is None:
             log.warning("checkpoint %s has no local_sgd state: the hook starts from step 0", load_path)
+            self._slow_anchor = self._slow_momentum = None  # SlowMo starts afresh from these weights
         else:
             self.load_state_dict(state)
         self._load_rank_state(os.path.dirname(load_path))
@@ -242,7 +268,7 @@ class LocalSGD:
     # -- syncs -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _sync(self, *, forced: bool, model_only: bool = False, lr: float | None = None) -> None:
+    def _sync(self, *, forced: bool, model_only: bool = False) -> None:
         """Average parameters (then the SlowMo step), buffers and optimizer state as the config says;
         ``model_only`` skips SlowMo and the optimizer state (what ``averaged()`` needs)."""
         cfg = self.config
@@ -250,30 +276,29 @@ class LocalSGD:
         start = time.perf_counter()
         sent = 0
         stale = self.is_stale
-        if [t.data_ptr() for t in self._flat_members] != self._flat_ptrs:
+        layout = self._layout
+        if layout.moved():
             # Someone re-pointed parameter storage after attach (e.g. model.to(memory_format=...)).
             log.warning("local_sgd: parameters or buffers were moved after attach(); flattening them again")
-            self._flatten()
+            layout.layout()
         # The buffers outside the flat buffers (BatchNorm's integer counters) go first and travel alongside.
         finish_other_buffers = self._start_other_buffers()
         if stale:
             # One in-place all-reduce per dtype: the parameters and, under "average", the float buffers.
-            sent += average_flat_(self._flat, world_size=self.world_size)
+            sent += average_flat_(layout.flats, world_size=self.world_size)
             sent += average_(
-                self._loose_params,
+                layout.loose_params,
                 world_size=self.world_size,
                 bucket_bytes=self._bucket_bytes,
                 scratch=self._scratch,
             )
-            if not model_only and cfg.slowmo is not None:
-                assert self._slow_anchor is not None and self._slow_momentum is not None
-                if lr is None:
-                    lr = float(self._optimizer.param_groups[0]["lr"])
+            if not model_only and cfg.slowmo is not None and self._slow_anchor is not None:
+                assert self._slow_momentum is not None and self._last_lrs is not None
                 slowmo_step_(
                     self._params,
                     self._slow_anchor,
                     self._slow_momentum,
-                    lr=lr,
+                    lrs=[self._last_lrs[g] for g in self._group_of],
                     beta=cfg.slowmo.beta,
                     alpha=cfg.slowmo.alpha,
                 )
@@ -282,8 +307,7 @@ class LocalSGD:
             self._steps_since_sync = 0
         elif self.world_size > 1:
             # The parameters are identical already: only the buffer part of the flat buffers.
-            tails = [flat[n:] for flat, n in zip(self._flat, self._flat_param_numel) if flat.numel() > n]
-            sent += average_flat_(tails, world_size=self.world_size)
+            sent += average_flat_(layout.buffer_tails(), world_size=self.world_size)
         sent += finish_other_buffers()
         _device_synchronize(self._device)
         self.stats.seconds += time.perf_counter() - start
@@ -291,37 +315,9 @@ class LocalSGD:
         self.stats.syncs += int(stale)
         self.stats.forced_syncs += int(stale and forced)
 
-    def _flatten(self) -> None:
-        """Make the parameters, then (under the "average" policy) the floating-point buffers, views into one
-        flat buffer per dtype, so that a sync is one in-place all-reduce per dtype: no copy, no extra
-        memory (see ``averaging.flatten_``). Buffers sit after the parameters, so the mSGD phase can
-        average the buffer part alone."""
-        if not self.config.uses_local_phase:
-            # Plain mSGD never averages parameters, and may run under ZeRO, whose optimizer parameters are
-            # views into DeepSpeed's own partitions: leave all storage alone (buffers take the copy path).
-            self._flat, self._loose_params, self._other_buffers = [], list(self._params), list(self._buffers)
-            self._flat_param_numel, self._flat_members, self._flat_ptrs = [], [], []
-            return
-        joined = (
-            [b for b in self._buffers if b.is_floating_point()] if self.config.buffers == "average" else []
-        )
-        members = self._params + joined
-        self._flat, loose = flatten_(members)
-        loose_ids = {id(t) for t in loose}
-        self._loose_params = [p for p in self._params if id(p) in loose_ids]
-        in_flat = {id(b) for b in joined if id(b) not in loose_ids}
-        self._other_buffers = [b for b in self._buffers if id(b) not in in_flat]
-        param_numel: dict[tuple[torch.dtype, torch.device], int] = {}
-        for p in self._params:
-            if id(p) not in loose_ids:
-                key = (p.dtype, p.device)
-                param_numel[key] = param_numel.get(key, 0) + p.numel()
-        self._flat_param_numel = [param_numel.get((f.dtype, f.device), 0) for f in self._flat]
-        self._flat_members = members
-        self._flat_ptrs = [t.data_ptr() for t in members]
-
     def _start_other_buffers(self) -> Callable[[], int]:
-        """Buffers outside the flat buffers: integer ones (averaged as integers), or all under "broadcast".
+        """Buffers outside the flat buffers: integer counters (averaged as integers), or all synced ones under
+        "broadcast"; bool masks never.
         Returns the function that does (or finishes) the job and returns the bytes: buffers that fit one
         bucket are averaged asynchronously from now on, overlapping the parameter all-reduce; the rest waits
         for that function, in bounded buckets."""
@@ -329,12 +325,13 @@ class LocalSGD:
             return lambda: 0
         if self.config.buffers == "broadcast":
             return lambda: broadcast_(
-                self._buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch
+                self._layout.synced_buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch
             )
-        if sum(b.numel() * b.element_size() for b in self._other_buffers) <= self._bucket_bytes:
-            return start_average_(self._other_buffers, world_size=self.world_size)
+        others = self._layout.other_buffers
+        if sum(b.numel() * b.element_size() for b in others) <= self._bucket_bytes:
+            return start_average_(others, world_size=self.world_size)
         return lambda: average_(
-            self._other_buffers,
+            others,
             world_size=self.world_size,
             bucket_bytes=self._bucket_bytes,
             scratch=self._scratch,
@@ -387,7 +384,8 @@ class LocalSGD:
         Uses plain averaging (no SlowMo step) and a CPU copy of what it changes for the duration.
         """
         stale = self.is_stale
-        changes = (self._params if stale else []) + (self._buffers if self.config.buffers != "local" else [])
+        synced_buffers = self._layout.synced_buffers if self.config.buffers != "local" else []
+        changes = (self._params if stale else []) + synced_buffers
         if self.world_size == 1 or not changes:
             yield
             return
@@ -423,6 +421,7 @@ class LocalSGD:
             "steps_per_epoch": self.steps_per_epoch,
             "step": self.step,
             "steps_since_sync": self._steps_since_sync,
+            "last_lrs": self._last_lrs,
             "stats": self.stats.as_dict(),
             "slowmo_anchor": None if self._slow_anchor is None else [t.cpu() for t in self._slow_anchor],
             "slowmo_momentum": None
@@ -447,6 +446,7 @@ class LocalSGD:
             log.warning("local_sgd: resuming with a changed setup (%s)", what)
         self.step = int(state["step"])
         self._steps_since_sync = int(state.get("steps_since_sync", 0))
+        self._last_lrs = state.get("last_lrs")
         self.stats = CommStats(**state.get("stats", {}))
         anchor, momentum = state.get("slowmo_anchor"), state.get("slowmo_momentum")
         if anchor is not None and cfg.slowmo is not None:
@@ -508,19 +508,70 @@ class LocalSGD:
         self.engine.enable_backward_allreduce = True
 
 
-def attach(engine: Any, *, steps_per_epoch: int, allow_config_change: bool = False) -> LocalSGD:
-    """Read ``engine``'s ``local_sgd`` config block, validate it against the engine, and hook the engine.
+def check_engine(engine: Any, config: LocalSGDConfig) -> None:
+    """Refuse, by config key, what the engine actually runs when no independent local model exists.
 
+    Asks the engine (ZeRO stage, fp16, bf16) rather than parsing the JSON, so legacy spellings such as
+    ``"zero_optimization": true`` (ZeRO stage 1) are caught too. Plain mSGD (``T = null``) runs anything
+    DeepSpeed runs.
+    """
+    if not config.uses_local_phase:
+        return
+    ds_config = _ds_config_dict(engine)
+    stage = int(engine.zero_optimization_stage() or 0)
+    if stage >= 1:
+        raw = ds_config.get("zero_optimization")
+        key = (
+            f"zero_optimization.stage = {stage}"
+            if isinstance(raw, Mapping)
+            else (f"zero_optimization = {json.dumps(raw)} (ZeRO stage {stage})")
+        )
+        raise ConfigError(
+            f"{key} cannot run local SGD: ZeRO partitions the optimizer state (stage 2 also the gradients) so "
+            "each rank updates only its shard and all-gathers the rest every step; no independent local model "
+            "exists. Use stage 0, or set local_sgd.T = null for mSGD."
+        )
+    if engine.fp16_enabled():
+        raise ConfigError(
+            "fp16.enabled = true cannot run local SGD: DeepSpeed's fp16 optimizer all-reduces its overflow flag "
+            "over all ranks on every step, which couples the workers in the local phase. "
+            'Use "torch_autocast": {"enabled": true, "dtype": "float16"} (fp32 weights, a loss scaler per worker).'
+        )
+    if engine.bfloat16_enabled():
+        key = "bf16" if "bf16" in ds_config else "bfloat16"
+        raise ConfigError(
+            f"{key}.enabled = true cannot run local SGD: DeepSpeed keeps bf16 weights with fp32 masters in a "
+            "wrapper optimizer that either all-reduces an overflow check over all ranks every step (stage 0) or "
+            "partitions the masters across ranks like ZeRO-1 (BF16_Optimizer); neither leaves a local model. "
+            'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
+        )
+
+
+def attach(
+    engine: Any,
+    *,
+    steps_per_epoch: int,
+    config: LocalSGDConfig | None = None,
+    allow_config_change: bool = False,
+) -> LocalSGD:
+    """Hook ``engine`` for local SGD and return the hook; ``hook.config`` is the one validated config.
+
+    ``config`` is the parsed ``local_sgd`` block (``LocalSGDConfig.from_dict``), for callers that parsed
+    it already; by default it is read from the engine's DeepSpeed config. Either way ``K = "auto"`` is
+    resolved against the world size here and the engine's settings are checked (:func:`check_engine`).
     ``steps_per_epoch`` is the number of optimizer steps (not micro-batches) in one epoch, the same on every
     rank; the switch to local SGD happens at step ``T x steps_per_epoch``.
     """
-    ds_config = _ds_config_dict(engine)
-    if "local_sgd" not in ds_config:
-        raise ConfigError(
-            'the DeepSpeed config has no "local_sgd" block; add one, e.g. "local_sgd": {"H": 8, "T": 0} '
-            'for local SGD or "local_sgd": {"T": null} for plain mSGD'
-        )
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    config = LocalSGDConfig.from_dict(ds_config["local_sgd"], world_size=world_size)
-    check_deepspeed_settings(ds_config, config)
+    if config is None:
+        ds_config = _ds_config_dict(engine)
+        if "local_sgd" not in ds_config:
+            raise ConfigError(
+                'the DeepSpeed config has no "local_sgd" block; add one, e.g. "local_sgd": {"H": 8, "T": 0} '
+                'for local SGD or "local_sgd": {"T": null} for plain mSGD'
+            )
+        config = LocalSGDConfig.from_dict(ds_config["local_sgd"], world_size=world_size)
+    else:
+        config = config.resolve(world_size)
+    check_engine(engine, config)
     return LocalSGD(engine, config, steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change)

@@ -20,13 +20,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from localsgd_ds.config import ConfigError
+from localsgd_ds.config import ConfigError, is_number
 
 DECAYS = ("step", "cosine")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -72,21 +68,21 @@ class LRScheduleConfig:
         values = {**asdict(cls()), **block}
 
         for key in ("base_lr", "gamma"):
-            if not _is_number(values[key]) or values[key] <= 0:
+            if not is_number(values[key]) or values[key] <= 0:
                 raise ConfigError(f"{where}.{key} must be a number > 0, got {values[key]!r}")
         for key in ("warmup_epochs", "final_lr"):
-            if not _is_number(values[key]) or values[key] < 0:
+            if not is_number(values[key]) or values[key] < 0:
                 raise ConfigError(f"{where}.{key} must be a number >= 0, got {values[key]!r}")
         ref = values["reference_batch"]
         if not isinstance(ref, int) or isinstance(ref, bool) or ref < 1:
             raise ConfigError(f"{where}.reference_batch must be an integer >= 1, got {ref!r}")
         start = values["warmup_start_lr"]
-        if start is not None and (not _is_number(start) or start < 0):
+        if start is not None and (not is_number(start) or start < 0):
             raise ConfigError(f"{where}.warmup_start_lr must be null or a number >= 0, got {start!r}")
         if values["decay"] not in DECAYS:
             raise ConfigError(f"{where}.decay must be one of {list(DECAYS)}, got {values['decay']!r}")
         milestones = values["milestones"]
-        if not isinstance(milestones, (list, tuple)) or not all(_is_number(m) and m > 0 for m in milestones):
+        if not isinstance(milestones, (list, tuple)) or not all(is_number(m) and m > 0 for m in milestones):
             raise ConfigError(f"{where}.milestones must be a list of epochs > 0, got {milestones!r}")
         if list(milestones) != sorted(milestones):
             raise ConfigError(f"{where}.milestones must be increasing, got {milestones!r}")

@@ -1,17 +1,19 @@
 """Local SGD by hand, in one process: K model replicas, each stepping on its rank's data, mean-gradient
 steps before the switch and parameter averaging every H local steps after it. The slow, obvious version
-that the real multi-process DeepSpeed runs must match."""
+that the real multi-process DeepSpeed runs must match; it shares no code with the hook."""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 
 import torch
-from tiny import batch, loss_fn, make_model, make_optimizer
+from tiny import batch, loss_fn, lr_factor, make_model, make_optimizer
 
 
 def _mean_into(tensors_per_rank: list[list[torch.Tensor]]) -> None:
     for group in zip(*tensors_per_rank):
+        if group[0].dtype == torch.bool:
+            continue  # a mask is never averaged
         if group[0].is_floating_point():
             mean = torch.stack(group).mean(0)
         else:
@@ -37,40 +39,62 @@ def reference(
     slowmo: tuple[float, float] | None = None,
     clip: float = 0.0,
     seed: int = 0,
+    variant: str = "plain",
+    group_lrs: tuple[float, float] | None = None,
+    schedule: bool = False,
+    forced: tuple[int, ...] = (),
+    autocast: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Final state_dict of each replica after ``steps`` optimizer steps."""
-    base = make_model(seed)
-    models = [copy.deepcopy(base) for _ in range(K)]
-    opts = [make_optimizer(m) for m in models]
+    """Final state_dict of each replica after ``steps`` optimizer steps.
+
+    ``schedule``: the lr follows ``tiny.lr_factor`` (stepped after every optimizer step, as DeepSpeed steps
+    a client scheduler); ``forced``: a sync outside the schedule after that many steps; ``autocast``: the
+    forward runs under bf16 autocast (what DeepSpeed's ``torch_autocast`` does).
+    """
+    # Each replica built the same way (deepcopy would untie tied parameters).
+    models = [make_model(seed, variant, rank=k) for k in range(K)]
+    opts = [make_optimizer(m, group_lrs) for m in models]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor) if schedule else None for o in opts]
     anchor = momenta = None
     for s in range(steps):
         local = switch is not None and s >= switch
-        if local and slowmo is not None and anchor is None:
-            # x0 = the weights at the switch (identical on all replicas), before the first local step
+        synced_before = s == switch or (local and ((s - switch) % H == 0 or s in forced))
+        if local and slowmo is not None and synced_before:
+            # x0 = the weights at the start of this period (identical on all replicas)
             anchor = [p.detach().float().clone() for p in models[0].parameters()]
-            momenta = [torch.zeros_like(a) for a in anchor]
+            momenta = momenta or [torch.zeros_like(a) for a in anchor]
         for k, (m, o) in enumerate(zip(models, opts)):
             o.zero_grad(set_to_none=False)
             for micro in range(gas):
                 x, y = batch(k, s, micro)
-                (loss_fn(m(x), y) / gas).backward()
+                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+                with ctx:
+                    out = m(x)
+                (loss_fn(out, y) / gas).backward()
         if not local:
             _mean_into([[p.grad for p in m.parameters()] for m in models])
-        for m, o in zip(models, opts):
+        lrs = [g["lr"] for g in opts[0].param_groups]  # the lrs of this step, before the scheduler moves
+        for m, o, sched in zip(models, opts, scheds):
             if clip > 0:
                 _clip(list(m.parameters()), clip)
             o.step()
+            if sched is not None:
+                sched.step()
         if not local:
             continue
-        if (s + 1 - switch) % H == 0:
+        if (s + 1 - switch) % H == 0 or (s + 1) in forced:
             with torch.no_grad():
                 _mean_into([list(m.parameters()) for m in models])
                 if slowmo is not None:
                     beta, alpha = slowmo
-                    lr = opts[0].param_groups[0]["lr"]
+                    lr_of = {id(p): lrs[i] for i, g in enumerate(opts[0].param_groups) for p in g["params"]}
                     for i, p0 in enumerate(models[0].parameters()):
-                        momenta[i].mul_(beta).add_(anchor[i] - p0.float(), alpha=1.0 / lr)
-                        anchor[i].add_(momenta[i], alpha=-alpha * lr)
+                        lr = lr_of[id(p0)]
+                        if lr > 0:
+                            momenta[i].mul_(beta).add_(anchor[i] - p0.float(), alpha=1.0 / lr)
+                            anchor[i].add_(momenta[i], alpha=-alpha * lr)
+                        else:
+                            anchor[i].copy_(p0)
                     for m in models:
                         for i, p in enumerate(m.parameters()):
                             p.copy_(anchor[i])

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 import deepspeed  # noqa: E402
-from tiny import batch, loss_fn, make_model, make_optimizer  # noqa: E402
+from tiny import batch, loss_fn, lr_factor, make_model, make_optimizer  # noqa: E402
 
 import localsgd_ds  # noqa: E402
 
@@ -57,9 +57,17 @@ def _count_collectives() -> None:
 
 
 def engine_for(
-    local_sgd: dict | None, *, gas: int = 1, clip: float = 0.0, extra: dict | None = None, seed: int = 0
+    local_sgd: dict | None,
+    *,
+    gas: int = 1,
+    clip: float = 0.0,
+    extra: dict | None = None,
+    seed: int = 0,
+    variant: str = "plain",
+    group_lrs: tuple[float, float] | None = None,
+    schedule: bool = False,
 ):
-    model = make_model(seed)
+    model = make_model(seed, variant, rank=dist.get_rank())
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": gas,
@@ -69,7 +77,9 @@ def engine_for(
     }
     if local_sgd is not None:
         config["local_sgd"] = local_sgd
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
+    optimizer = make_optimizer(model, group_lrs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if schedule else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
 
@@ -105,8 +115,8 @@ def state(engine) -> dict:
     }
 
 
-def local_run(block: dict, steps: int, spe: int, *, gas: int = 1, clip: float = 0.0) -> dict:
-    engine = engine_for(block, gas=gas, clip=clip)
+def local_run(block: dict, steps: int, spe: int, *, gas: int = 1, clip: float = 0.0, **model) -> dict:
+    engine = engine_for(block, gas=gas, clip=clip, **model)
     hook = localsgd_ds.attach(engine, steps_per_epoch=spe)
     trace: list = []
     train(engine, steps, gas=gas, hook=hook, trace=trace)
@@ -197,6 +207,88 @@ def autocast_bf16() -> dict:
     return {**state(engine), "trace": trace}
 
 
+def postlocal_offset() -> dict:
+    """A switch (step 3) that is not a multiple of H = 2: syncs after steps 5 and 7, not 4, 6, 8."""
+    return local_run({"H": 2, "T": 1}, steps=8, spe=3)
+
+
+def msgd_gas() -> dict:
+    """mSGD with 2 micro-batches per step: 4 optimizer steps are 4 gradient all-reduces."""
+    return local_run({"T": None}, steps=4, spe=4, gas=2)
+
+
+SLOWMO = {"beta": 0.5, "alpha": 1.0}
+
+
+def slowmo_loaded() -> dict:
+    """Weights loaded after attach (fine-tuning): SlowMo's anchor must follow them, not the random init."""
+    engine = engine_for({"H": 2, "T": 0, "slowmo": SLOWMO})
+    hook = localsgd_ds.attach(engine, steps_per_epoch=4)
+    engine.module.load_state_dict(make_model(1).state_dict())
+    train(engine, 8, hook=hook)
+    return state(engine)
+
+
+def slowmo_loaded_ckpt() -> dict:
+    """The same, from a checkpoint written by plain DeepSpeed without the hook."""
+    plain = engine_for(None, seed=1)
+    plain.save_checkpoint(os.environ["CKPT_DIR"] + "/plain", tag="init")
+    engine = engine_for({"H": 2, "T": 0, "slowmo": SLOWMO})
+    hook = localsgd_ds.attach(engine, steps_per_epoch=4)
+    path, _ = engine.load_checkpoint(os.environ["CKPT_DIR"] + "/plain")
+    assert path is not None
+    train(engine, 8, hook=hook)
+    return state(engine)
+
+
+def slowmo_schedule() -> dict:
+    """SlowMo under an lr that changes every step, two parameter groups at different lrs, and a forced
+    sync mid-period after step 6 (the next scheduled sync stays at step 8)."""
+    engine = engine_for({"H": 4, "T": 0, "slowmo": SLOWMO}, group_lrs=(0.1, 0.05), schedule=True)
+    hook = localsgd_ds.attach(engine, steps_per_epoch=10)
+    train(engine, 6, hook=hook)
+    hook.sync()
+    train(engine, 4, start=6, hook=hook)
+    return state(engine)
+
+
+def slowmo_frozen_group() -> dict:
+    """Parameter group 0 frozen by lr = 0: SlowMo must still act on group 1 at its own lr."""
+    return local_run({"H": 2, "T": 0, "slowmo": SLOWMO}, steps=6, spe=6, group_lrs=(0.0, 0.1))
+
+
+def extras_local() -> dict:
+    """A bool mask (never averaged) and an integer counter that differs per rank (floor of the mean)."""
+    return local_run({"H": 2, "T": 0}, steps=4, spe=4, variant="extras")
+
+
+def extras_msgd() -> dict:
+    """The same buffers in plain mSGD: inside averaged() and in the saved model file the mask stays True."""
+    engine = engine_for({"T": None}, variant="extras")
+    hook = localsgd_ds.attach(engine, steps_per_epoch=2)
+    train(engine, 2, hook=hook)
+    with hook.averaged():
+        inside = {"mask": engine.module.mask.clone(), "counter": engine.module.counter.clone()}
+    engine.save_checkpoint(os.environ["CKPT_DIR"] + "/extras", tag="end")
+    return {**state(engine), "inside": inside}
+
+
+def tied_local() -> dict:
+    """Parameters tied through .data stay tied after attach and through syncs."""
+    engine = engine_for({"H": 2, "T": 0}, variant="tied")
+    hook = localsgd_ds.attach(engine, steps_per_epoch=4)
+    tied_after_attach = engine.module.pre.weight.data_ptr() == engine.module.post.weight.data_ptr()
+    train(engine, 4, hook=hook)
+    tied_at_end = engine.module.pre.weight.data_ptr() == engine.module.post.weight.data_ptr()
+    return {**state(engine), "tied": (tied_after_attach, tied_at_end)}
+
+
+def autocast_reference() -> dict:
+    return local_run(
+        {"H": 2, "T": 0}, steps=6, spe=6, extra={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    )
+
+
 CKPT_BLOCK = {"H": 4, "T": 1, "slowmo": {"beta": 0.5, "alpha": 1.0}}
 CKPT_SPE, CKPT_AT, CKPT_END = 3, 5, 10  # switch at step 3, syncs at 7 and 11: the save at 5 is mid-period
 
@@ -249,6 +341,8 @@ def attach_errors() -> dict:
             {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
         ),
         ("missing", None, {}),
+        # the legacy spelling: DeepSpeed runs ZeRO stage 1
+        ("zero_legacy", {"H": 2, "T": 0}, {"zero_optimization": True, "zero_allow_untested_optimizer": True}),
     ]:
         engine = engine_for(block, extra=extra)
         try:

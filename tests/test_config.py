@@ -128,3 +128,63 @@ def test_flatten_makes_parameters_views_of_one_buffer_and_keeps_layout():
     loss = conv(torch.randn(1, 3, 5, 5)).sum() + lin(torch.randn(1, 4)).sum()
     loss.backward()  # autograd still works on the views
     assert conv.weight.grad is not None and conv.weight.grad.shape == conv.weight.shape
+
+
+class _Engine:
+    """What check_engine asks of a DeepSpeed engine: its config and what it actually runs."""
+
+    def __init__(self, config: dict, stage: int = 0, fp16: bool = False, bf16: bool = False) -> None:
+        self.config, self._stage, self._fp16, self._bf16 = config, stage, fp16, bf16
+
+    def zero_optimization_stage(self) -> int:
+        return self._stage
+
+    def fp16_enabled(self) -> bool:
+        return self._fp16
+
+    def bfloat16_enabled(self) -> bool:
+        return self._bf16
+
+
+@pytest.mark.parametrize(
+    "engine, key",
+    [
+        (_Engine({"zero_optimization": {"stage": 2}}, stage=2), "zero_optimization.stage = 2"),
+        (_Engine({"zero_optimization": True}, stage=1), r"zero_optimization = true \(ZeRO stage 1\)"),
+        (_Engine({"fp16": {"enabled": True}}, fp16=True), r"fp16\.enabled = true"),
+        (_Engine({"bfloat16": {"enabled": True}}, bf16=True), r"bfloat16\.enabled = true"),
+    ],
+)
+def test_check_engine_refuses_what_the_engine_runs_by_key(engine, key):
+    from localsgd_ds.hook import check_engine
+
+    with pytest.raises(ConfigError, match=key):
+        check_engine(engine, LocalSGDConfig.from_dict({"H": 2, "T": 0}))
+    check_engine(engine, LocalSGDConfig.from_dict({"T": None}))  # plain mSGD runs whatever DeepSpeed runs
+
+
+def test_flat_layout_keeps_exact_aliases_tied_and_refuses_partial_overlap():
+    from localsgd_ds.flat import FlatLayout
+
+    a, b, c = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    b.weight.data = a.weight.data  # tied through .data: one storage
+    params = [a.weight, a.bias, b.weight, b.bias, c.weight]
+    layout = FlatLayout(params, [], buffer_policy="average", flatten=True)
+    assert a.weight.data_ptr() == b.weight.data_ptr()
+    assert layout.flats[0].numel() == 9 + 3 + 3 + 9  # the tied weight is stored once
+    layout.flats[0].fill_(1.5)
+    assert bool((b.weight == 1.5).all()) and bool((c.weight == 1.5).all())
+
+    whole = torch.nn.Parameter(torch.zeros(10))
+    left, right = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    left.data, right.data = whole.data[:6], whole.data[4:]  # share part of one storage
+    names = {id(left): "left", id(right): "right"}
+    with pytest.raises(ConfigError, match="'left' and 'right' share part of one storage"):
+        FlatLayout([left, right], [], buffer_policy="average", flatten=True, names=names)
+
+
+def test_resolve_checks_K_against_the_number_of_workers():
+    cfg = LocalSGDConfig.from_dict({"H": 2, "T": 0})
+    assert cfg.resolve(8).K == 8 and LocalSGDConfig.from_dict({"H": 2, "T": 0, "K": 4}).resolve(4).K == 4
+    with pytest.raises(ConfigError, match="local_sgd.K = 4 but the data-parallel world size is 2"):
+        LocalSGDConfig.from_dict({"H": 2, "T": 0, "K": 4}).resolve(2)

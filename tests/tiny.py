@@ -24,13 +24,63 @@ class TinyNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def make_model(seed: int = 0) -> TinyNet:
+class ExtrasNet(TinyNet):
+    """TinyNet with a bool mask buffer (never averaged) and an integer counter buffer that holds a
+    different value on each rank (averaged in integer arithmetic: the floor of the mean)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(4, dtype=torch.bool))
+        self.register_buffer("counter", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.counter += 1
+        x = torch.relu(self.bn(self.conv(x))) * self.mask.view(1, 4, 1, 1)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class TiedNet(TinyNet):
+    """Two Parameters tied through ``.data`` (one storage): ``post.weight`` is ``pre.weight``'s storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.post = nn.Linear(4, 4)
+        self.post.weight.data = self.pre.weight.data
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.fc(self.post(torch.relu(self.pre(x))))
+
+
+VARIANTS = {"plain": TinyNet, "extras": ExtrasNet, "tied": TiedNet}
+
+
+def make_model(seed: int = 0, variant: str = "plain", rank: int = 0) -> TinyNet:
+    """A fresh model; with ``variant="extras"`` its counter starts at a value of ``rank``'s own."""
     torch.manual_seed(seed)
-    return TinyNet()
+    model = VARIANTS[variant]()
+    if variant == "extras":
+        model.counter.fill_(5 * rank + 1)
+    return model
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+def make_optimizer(model: nn.Module, group_lrs: tuple[float, float] | None = None) -> torch.optim.SGD:
+    """SGD over one parameter group, or with ``group_lrs`` two: everything but the classifier, then ``fc``."""
+    if group_lrs is None:
+        return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    fc = {id(p) for p in model.fc.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in fc], "lr": group_lrs[0]},
+        {"params": list(model.fc.parameters()), "lr": group_lrs[1]},
+    ]
+    return torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+def lr_factor(step: int) -> float:
+    """A learning-rate schedule that changes every step (LambdaLR's factor), for SlowMo's lr coupling."""
+    return 1.0 / (1.0 + 0.4 * step)
 
 
 def batch(rank: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
