@@ -14,8 +14,15 @@ Morcos, Ballas, 2021): mSGD, local SGD (K workers average their weights every H 
             engine.step()                      # averages here when a sync is due
 """
 
-from localsgd_ds.config import ConfigError, LocalSGDConfig, SlowMoConfig, check_deepspeed_settings
-from localsgd_ds.hook import CommStats, LocalSGD, attach
+from localsgd_ds.config import (
+    ConfigError,
+    LocalSGDConfig,
+    SlowMoConfig,
+    check_deepspeed_settings,
+    check_engine,
+)
+from localsgd_ds.hook import LocalSGD, attach
+from localsgd_ds.stats import CommStats
 
 __all__ = [
     "CommStats",
@@ -25,4 +32,5 @@ __all__ = [
     "SlowMoConfig",
     "attach",
     "check_deepspeed_settings",
+    "check_engine",
 ]

@@ -6,12 +6,14 @@ The block sits beside DeepSpeed's own keys (DeepSpeed accepts and ignores an unk
                   "slowmo": {"beta": 0.5, "alpha": 1.0}}
 
 ``LocalSGDConfig.from_dict(block)`` validates every key and names the bad key and value in its error;
-``check_deepspeed_settings(ds_config)`` refuses the DeepSpeed settings under which no independent local
-model exists (ZeRO, DeepSpeed's bf16 optimizer). Nothing here imports DeepSpeed.
+``check_engine(engine, config)`` asks an engine what it runs and refuses, by key, the DeepSpeed settings
+under which no independent local model exists (ZeRO, DeepSpeed's fp16 and bf16 optimizers). Nothing here
+imports DeepSpeed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +40,30 @@ def _check_keys(block: Mapping[str, Any], known: tuple[str, ...], where: str) ->
     unknown = sorted(set(block) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {list(known)}")
+
+
+def resolve_ranks_per_worker(value: int | str, world_size: int, local_size: int | None) -> int:
+    """The integer ``ranks_per_worker``: ``"node"`` is the launcher's local world size. Refuses, naming the
+    key and the value, a size that does not divide the world or a "node" no launcher describes."""
+    if value == "node":
+        if local_size is None:
+            raise ConfigError(
+                'local_sgd.ranks_per_worker = "node" but no launcher set LOCAL_WORLD_SIZE (torchrun) or '
+                "LOCAL_SIZE (deepspeed): launch with one of them or give the number of ranks per worker"
+            )
+        if world_size % local_size:
+            raise ConfigError(
+                f'local_sgd.ranks_per_worker = "node" = {local_size} ranks on this node, which does not divide '
+                f"the world size {world_size}: every node must run the same number of ranks"
+            )
+        return local_size
+    assert isinstance(value, int)
+    if world_size % value:
+        raise ConfigError(
+            f"local_sgd.ranks_per_worker = {value} does not divide the world size {world_size}: "
+            "every worker must have the same number of ranks"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,7 +103,7 @@ class LocalSGDConfig:
     H: int = 1
     """Local steps between two averagings (``sync_every``). Counts optimizer steps, never micro-batches."""
     K: int | str = "auto"
-    """Number of workers; must equal the data-parallel world size. ``"auto"`` takes the world size."""
+    """Number of workers; must equal the world size / ``ranks_per_worker``. ``"auto"`` takes that."""
     T: int | None = None
     """Epoch of the switch from mSGD to local SGD. 0: local SGD from the start; null: never (plain mSGD)."""
     buffers: str = "average"
@@ -93,7 +119,11 @@ class LocalSGDConfig:
     averaging (optimizer state, integer buffers): one collective per bucket. The parameters and float
     buffers live in one flat buffer per dtype and are reduced in place, one collective per dtype."""
 
-    KEYS = ("H", "K", "T", "buffers", "momentum", "slowmo", "bucket_mb")
+    ranks_per_worker: int | str = 1
+    """Ranks that form one worker (consecutive ranks), or "node" (the launcher's local world size). Inside a
+    worker gradients are averaged every step; across workers parameters every H local steps."""
+
+    KEYS = ("H", "K", "T", "buffers", "momentum", "slowmo", "bucket_mb", "ranks_per_worker")
 
     @classmethod
     def from_dict(cls, block: Any, *, world_size: int | None = None) -> LocalSGDConfig:
@@ -135,21 +165,42 @@ class LocalSGDConfig:
         if not is_number(bucket_mb) or bucket_mb <= 0:
             raise ConfigError(f"local_sgd.bucket_mb must be a number > 0, got {bucket_mb!r}")
 
+        ranks_per_worker = block.get("ranks_per_worker", 1)
+        if ranks_per_worker != "node" and (not _is_int(ranks_per_worker) or ranks_per_worker < 1):
+            raise ConfigError(
+                f'local_sgd.ranks_per_worker must be an integer >= 1 or "node", got {ranks_per_worker!r}'
+            )
+
         config = cls(
-            H=H, K=K, T=T, buffers=buffers, momentum=momentum, slowmo=slowmo, bucket_mb=float(bucket_mb)
+            H=H,
+            K=K,
+            T=T,
+            buffers=buffers,
+            momentum=momentum,
+            slowmo=slowmo,
+            bucket_mb=float(bucket_mb),
+            ranks_per_worker=ranks_per_worker,
         )
         return config if world_size is None else config.resolve(world_size)
 
-    def resolve(self, world_size: int) -> LocalSGDConfig:
-        """This config with ``K`` checked against (or, for "auto", set to) the number of workers."""
+    def resolve(self, world_size: int, local_size: int | None = None) -> LocalSGDConfig:
+        """This config with ``ranks_per_worker`` made an integer (``local_size``: the launcher's ranks on this
+        node, for "node") and ``K`` checked against (or, for "auto", set to) the number of workers."""
+        r = resolve_ranks_per_worker(self.ranks_per_worker, world_size, local_size)
+        workers = world_size // r
         if self.K == "auto":
-            return replace(self, K=world_size)
-        if self.K != world_size:
+            return replace(self, K=workers, ranks_per_worker=r)
+        if self.K != workers:
+            if r == 1:
+                raise ConfigError(
+                    f"local_sgd.K = {self.K} but the data-parallel world size is {world_size}: "
+                    f'launch {self.K} workers or set K to {world_size} (or "auto")'
+                )
             raise ConfigError(
-                f"local_sgd.K = {self.K} but the data-parallel world size is {world_size}: "
-                f'launch {self.K} workers or set K to {world_size} (or "auto")'
+                f"local_sgd.K = {self.K} but world size {world_size} / ranks_per_worker {r} = {workers} "
+                f'workers: set K to {workers} (or "auto") or change ranks_per_worker'
             )
-        return self
+        return replace(self, ranks_per_worker=r)
 
     @property
     def uses_local_phase(self) -> bool:
@@ -225,3 +276,50 @@ def check_deepspeed_settings(ds_config: Mapping[str, Any], local: LocalSGDConfig
             'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
         )
     return mode
+
+
+def ds_config_dict(engine: Any) -> Mapping[str, Any]:
+    # engine.config is whatever was passed to deepspeed.initialize (a dict or a path); the parsed dict is
+    # on the DeepSpeedConfig object.
+    if isinstance(engine.config, Mapping):
+        return engine.config
+    return engine._config._param_dict
+
+
+def check_engine(engine: Any, config: LocalSGDConfig) -> None:
+    """Refuse, by config key, what the engine actually runs when no independent local model exists.
+
+    Asks the engine (ZeRO stage, fp16, bf16) rather than parsing the JSON, so legacy spellings such as
+    ``"zero_optimization": true`` (ZeRO stage 1) are caught too. Plain mSGD (``T = null``) runs anything
+    DeepSpeed runs.
+    """
+    if not config.uses_local_phase:
+        return
+    ds_config = ds_config_dict(engine)
+    stage = int(engine.zero_optimization_stage() or 0)
+    if stage >= 1:
+        raw = ds_config.get("zero_optimization")
+        key = (
+            f"zero_optimization.stage = {stage}"
+            if isinstance(raw, Mapping)
+            else (f"zero_optimization = {json.dumps(raw)} (ZeRO stage {stage})")
+        )
+        raise ConfigError(
+            f"{key} cannot run local SGD: ZeRO partitions the optimizer state (stage 2 also the gradients) so "
+            "each rank updates only its shard and all-gathers the rest every step; no independent local model "
+            "exists. Use stage 0, or set local_sgd.T = null for mSGD."
+        )
+    if engine.fp16_enabled():
+        raise ConfigError(
+            "fp16.enabled = true cannot run local SGD: DeepSpeed's fp16 optimizer all-reduces its overflow flag "
+            "over all ranks on every step, which couples the workers in the local phase. "
+            'Use "torch_autocast": {"enabled": true, "dtype": "float16"} (fp32 weights, a loss scaler per worker).'
+        )
+    if engine.bfloat16_enabled():
+        key = "bf16" if "bf16" in ds_config else "bfloat16"
+        raise ConfigError(
+            f"{key}.enabled = true cannot run local SGD: DeepSpeed keeps bf16 weights with fp32 masters in a "
+            "wrapper optimizer that either all-reduces an overflow check over all ranks every step (stage 0) or "
+            "partitions the masters across ranks like ZeRO-1 (BF16_Optimizer); neither leaves a local model. "
+            'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
+        )

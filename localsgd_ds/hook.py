@@ -20,20 +20,20 @@ the math of a sync is ``averaging.py``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from localsgd_ds.averaging import average_, average_flat_, broadcast_, slowmo_step_, start_average_
-from localsgd_ds.config import ConfigError, LocalSGDConfig
+from localsgd_ds.config import ConfigError, LocalSGDConfig, check_engine, ds_config_dict
 from localsgd_ds.flat import FlatLayout
+from localsgd_ds.stats import CommStats
+from localsgd_ds.workers import Workers, average_across_workers_, make_workers, node_size
 
 log = logging.getLogger("localsgd_ds")
 
@@ -41,41 +41,9 @@ STATE_VERSION = 1
 RANK_FILE = "local_sgd_rank{rank:05d}.pt"
 
 
-@dataclass
-class CommStats:
-    """Cumulative communication of this rank. ``bytes`` count the payload handed to collectives; a ring
-    all-reduce moves 2(K-1)/K times that over the wire per worker."""
-
-    syncs: int = 0
-    """Averagings of the workers' parameters (scheduled, forced by ``sync()``, and for ``averaged()``).
-    Buffer-only averagings (mSGD phase, parameters already identical) count in bytes and seconds only."""
-    forced_syncs: int = 0
-    """Of those, the ones asked for outside the H schedule (evaluation, checkpoint, end of training)."""
-    bytes: int = 0
-    """Bytes this rank put into averaging collectives."""
-    seconds: float = 0.0
-    """Seconds spent averaging (device synchronized before and after)."""
-    grad_allreduces: int = 0
-    """DeepSpeed's gradient all-reduces (mSGD phase): one per optimizer step, whatever the gradient
-    accumulation (DeepSpeed reduces at the accumulation boundary only)."""
-    grad_allreduce_bytes: int = 0
-    grad_allreduce_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
 def _device_synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _ds_config_dict(engine: Any) -> Mapping[str, Any]:
-    # engine.config is whatever was passed to deepspeed.initialize (a dict or a path); the parsed dict is
-    # on the DeepSpeedConfig object.
-    if isinstance(engine.config, Mapping):
-        return engine.config
-    return engine._config._param_dict
 
 
 class LocalSGD:
@@ -92,6 +60,7 @@ class LocalSGD:
         *,
         steps_per_epoch: int,
         allow_config_change: bool = False,
+        workers: Workers | None = None,
     ) -> None:
         if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch < 1:
             raise ConfigError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
@@ -111,6 +80,7 @@ class LocalSGD:
         self.allow_config_change = allow_config_change
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.workers = workers or make_workers(int(config.ranks_per_worker))
         self.step = 0
         self.stats = CommStats()
         self._steps_since_sync = 0
@@ -182,7 +152,8 @@ class LocalSGD:
 
     def _apply_phase(self) -> None:
         # The engine's own switch for its gradient all-reduce in backward (what its 1-bit optimizers use).
-        self.engine.enable_backward_allreduce = not self.in_local_phase
+        # Workers of several ranks keep it on: the wrapped all-reduce then averages inside the worker.
+        self.engine.enable_backward_allreduce = not self.in_local_phase or self.workers.grouped
 
     @torch.no_grad()
     def _take_anchor(self) -> None:
@@ -217,20 +188,40 @@ class LocalSGD:
         return out
 
     def _engine_allreduce_gradients(self, *args: Any, **kwargs: Any) -> Any:
+        local = self.in_local_phase
         if not self.engine.is_gradient_accumulation_boundary():
             # DeepSpeed calls this on every micro-batch and reduces at the boundary only.
-            return self._originals["allreduce_gradients"](*args, **kwargs)
+            return None if local else self._originals["allreduce_gradients"](*args, **kwargs)
         _device_synchronize(self._device)
         start = time.perf_counter()
-        out = self._originals["allreduce_gradients"](*args, **kwargs)
+        if local:  # only reached with workers of several ranks: the worker's mean gradient
+            grads = [p.grad for p in self._params if p.grad is not None]
+            sent = average_(
+                grads,
+                world_size=self.workers.ranks_per_worker,
+                group=self.workers.worker_group,
+                bucket_bytes=self._bucket_bytes,
+                scratch=self._scratch,
+            )
+            out = None
+        else:
+            out = self._originals["allreduce_gradients"](*args, **kwargs)
+            sent = sum(
+                p.grad.numel() * p.grad.element_size()
+                for p in self.engine.module.parameters()
+                if p.grad is not None
+            )
         _device_synchronize(self._device)
-        self.stats.grad_allreduce_seconds += time.perf_counter() - start
-        self.stats.grad_allreduces += 1
-        self.stats.grad_allreduce_bytes += sum(
-            p.grad.numel() * p.grad.element_size()
-            for p in self.engine.module.parameters()
-            if p.grad is not None
-        )
+        seconds = time.perf_counter() - start
+        if local:
+            self.stats.worker_grad_allreduces += 1
+            self.stats.bytes_inside_workers += sent
+            self.stats.worker_grad_allreduce_seconds += seconds
+        else:
+            self.stats.grad_allreduces += 1
+            self.stats.grad_allreduce_bytes += sent
+            self.stats.grad_allreduce_seconds += seconds
+            self.stats.bytes_across_workers += sent
         return out
 
     def _engine_clip_fp32_gradients(self) -> Any:
@@ -274,9 +265,9 @@ class LocalSGD:
         cfg = self.config
         _device_synchronize(self._device)
         start = time.perf_counter()
-        sent = 0
+        sent = inside = 0
         stale = self.is_stale
-        layout = self._layout
+        layout, workers = self._layout, self.workers
         if layout.moved():
             # Someone re-pointed parameter storage after attach (e.g. model.to(memory_format=...)).
             log.warning("local_sgd: parameters or buffers were moved after attach(); flattening them again")
@@ -284,8 +275,18 @@ class LocalSGD:
         # The buffers outside the flat buffers (BatchNorm's integer counters) go first and travel alongside.
         finish_other_buffers = self._start_other_buffers()
         if stale:
-            # One in-place all-reduce per dtype: the parameters and, under "average", the float buffers.
-            sent += average_flat_(layout.flats, world_size=self.world_size)
+            if workers.grouped:
+                # Float buffers differ between a worker's ranks: the worker's mean first, then the
+                # parameters and buffers across workers, each rank its share (workers.py).
+                inside += average_flat_(
+                    layout.buffer_tails(), world_size=workers.ranks_per_worker, group=workers.worker_group
+                )
+                in_worker, across = average_across_workers_(layout.flats, workers)
+                inside += in_worker
+                sent += across
+            else:
+                # One in-place all-reduce per dtype: the parameters and, under "average", the float buffers.
+                sent += average_flat_(layout.flats, world_size=self.world_size)
             sent += average_(
                 layout.loose_params,
                 world_size=self.world_size,
@@ -311,7 +312,9 @@ class LocalSGD:
         sent += finish_other_buffers()
         _device_synchronize(self._device)
         self.stats.seconds += time.perf_counter() - start
-        self.stats.bytes += sent
+        self.stats.bytes += sent + inside
+        self.stats.bytes_inside_workers += inside
+        self.stats.bytes_across_workers += sent
         self.stats.syncs += int(stale)
         self.stats.forced_syncs += int(stale and forced)
 
@@ -508,45 +511,6 @@ class LocalSGD:
         self.engine.enable_backward_allreduce = True
 
 
-def check_engine(engine: Any, config: LocalSGDConfig) -> None:
-    """Refuse, by config key, what the engine actually runs when no independent local model exists.
-
-    Asks the engine (ZeRO stage, fp16, bf16) rather than parsing the JSON, so legacy spellings such as
-    ``"zero_optimization": true`` (ZeRO stage 1) are caught too. Plain mSGD (``T = null``) runs anything
-    DeepSpeed runs.
-    """
-    if not config.uses_local_phase:
-        return
-    ds_config = _ds_config_dict(engine)
-    stage = int(engine.zero_optimization_stage() or 0)
-    if stage >= 1:
-        raw = ds_config.get("zero_optimization")
-        key = (
-            f"zero_optimization.stage = {stage}"
-            if isinstance(raw, Mapping)
-            else (f"zero_optimization = {json.dumps(raw)} (ZeRO stage {stage})")
-        )
-        raise ConfigError(
-            f"{key} cannot run local SGD: ZeRO partitions the optimizer state (stage 2 also the gradients) so "
-            "each rank updates only its shard and all-gathers the rest every step; no independent local model "
-            "exists. Use stage 0, or set local_sgd.T = null for mSGD."
-        )
-    if engine.fp16_enabled():
-        raise ConfigError(
-            "fp16.enabled = true cannot run local SGD: DeepSpeed's fp16 optimizer all-reduces its overflow flag "
-            "over all ranks on every step, which couples the workers in the local phase. "
-            'Use "torch_autocast": {"enabled": true, "dtype": "float16"} (fp32 weights, a loss scaler per worker).'
-        )
-    if engine.bfloat16_enabled():
-        key = "bf16" if "bf16" in ds_config else "bfloat16"
-        raise ConfigError(
-            f"{key}.enabled = true cannot run local SGD: DeepSpeed keeps bf16 weights with fp32 masters in a "
-            "wrapper optimizer that either all-reduces an overflow check over all ranks every step (stage 0) or "
-            "partitions the masters across ranks like ZeRO-1 (BF16_Optimizer); neither leaves a local model. "
-            'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
-        )
-
-
 def attach(
     engine: Any,
     *,
@@ -564,14 +528,20 @@ def attach(
     """
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if config is None:
-        ds_config = _ds_config_dict(engine)
+        ds_config = ds_config_dict(engine)
         if "local_sgd" not in ds_config:
             raise ConfigError(
                 'the DeepSpeed config has no "local_sgd" block; add one, e.g. "local_sgd": {"H": 8, "T": 0} '
                 'for local SGD or "local_sgd": {"T": null} for plain mSGD'
             )
-        config = LocalSGDConfig.from_dict(ds_config["local_sgd"], world_size=world_size)
-    else:
-        config = config.resolve(world_size)
+        config = LocalSGDConfig.from_dict(ds_config["local_sgd"])
+    config = config.resolve(world_size, node_size() if config.ranks_per_worker == "node" else None)
     check_engine(engine, config)
-    return LocalSGD(engine, config, steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change)
+    workers = make_workers(int(config.ranks_per_worker))
+    return LocalSGD(
+        engine,
+        config,
+        steps_per_epoch=steps_per_epoch,
+        allow_config_change=allow_config_change,
+        workers=workers,
+    )

@@ -44,12 +44,15 @@ def reference(
     schedule: bool = False,
     forced: tuple[int, ...] = (),
     autocast: bool = False,
+    ranks_per_worker: int = 1,
 ) -> list[dict[str, torch.Tensor]]:
     """Final state_dict of each replica after ``steps`` optimizer steps.
 
     ``schedule``: the lr follows ``tiny.lr_factor`` (stepped after every optimizer step, as DeepSpeed steps
     a client scheduler); ``forced``: a sync outside the schedule after that many steps; ``autocast``: the
-    forward runs under bf16 autocast (what DeepSpeed's ``torch_autocast`` does).
+    forward runs under bf16 autocast (what DeepSpeed's ``torch_autocast`` does); ``ranks_per_worker``: in the
+    local phase the gradients are averaged over each run of that many consecutive replicas (a worker).
+    ``K`` counts replicas (ranks), one per rank.
     """
     # Each replica built the same way (deepcopy would untie tied parameters).
     models = [make_model(seed, variant, rank=k) for k in range(K)]
@@ -73,6 +76,9 @@ def reference(
                 (loss_fn(out, y) / gas).backward()
         if not local:
             _mean_into([[p.grad for p in m.parameters()] for m in models])
+        else:
+            for w in range(0, K, ranks_per_worker):
+                _mean_into([[p.grad for p in m.parameters()] for m in models[w : w + ranks_per_worker]])
         lrs = [g["lr"] for g in opts[0].param_groups]  # the lrs of this step, before the scheduler moves
         for m, o, sched in zip(models, opts, scheds):
             if clip > 0:

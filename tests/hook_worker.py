@@ -40,6 +40,7 @@ COLLECTIVES = (
     "scatter",
 )
 calls: list[str] = []
+groups: list[tuple[int, ...]] = []  # the ranks of each call's process group, beside ``calls``
 
 
 def _count_collectives() -> None:
@@ -51,6 +52,8 @@ def _count_collectives() -> None:
 
         def counted(*args, __fn=fn, __name=name, **kwargs):
             calls.append(__name)
+            group = kwargs.get("group")
+            groups.append(tuple(dist.get_process_group_ranks(group or dist.group.WORLD)))
             return __fn(*args, **kwargs)
 
         setattr(dist, name, counted)
@@ -98,6 +101,7 @@ def train(engine, steps: int, *, start: int = 0, gas: int = 1, hook=None, trace:
                     "step": s,
                     "local": local,
                     "collectives": calls[before:],
+                    "groups": groups[before:],
                     "params": [p.detach().clone() for p in engine.module.parameters()],
                 }
             )
@@ -287,6 +291,68 @@ def autocast_reference() -> dict:
     return local_run(
         {"H": 2, "T": 0}, steps=6, spe=6, extra={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
     )
+
+
+# -- workers of 2 ranks (4 processes: workers {0, 1} and {2, 3}) -------------------------------------------
+
+
+def workers_local() -> dict:
+    return local_run({"H": 2, "T": 0, "ranks_per_worker": 2}, steps=5, spe=5)
+
+
+def workers_postlocal() -> dict:
+    """Switch after 3 steps (not a multiple of H = 2); gradient accumulation and clipping per worker."""
+    return local_run({"H": 2, "T": 1, "ranks_per_worker": 2}, steps=8, spe=3, gas=2, clip=0.05)
+
+
+def workers_slowmo() -> dict:
+    return local_run({"H": 2, "T": 0, "ranks_per_worker": 2, "slowmo": SLOWMO}, steps=6, spe=6)
+
+
+def workers_node() -> dict:
+    """ "node" under a launcher that says 2 ranks per node (as deepspeed's LOCAL_SIZE does)."""
+    rank = dist.get_rank()
+    saved = {k: os.environ.get(k) for k in ("LOCAL_SIZE", "LOCAL_RANK")}
+    os.environ.update(LOCAL_SIZE="2", LOCAL_RANK=str(rank % 2))
+    try:
+        result = local_run({"H": 2, "T": 0, "ranks_per_worker": "node"}, steps=5, spe=5)
+    finally:
+        for k, v in saved.items():
+            os.environ[k] = v
+    return result
+
+
+def workers_one() -> dict:
+    """ranks_per_worker = 1 is today's hook: compared bitwise with the same run without the key."""
+    return {
+        "with_key": local_run({"H": 2, "T": 0, "ranks_per_worker": 1}, steps=4, spe=4),
+        "without": local_run({"H": 2, "T": 0}, steps=4, spe=4),
+    }
+
+
+def workers_errors() -> dict:
+    errors = {}
+    rank = dist.get_rank()
+    for name, block, env in [
+        ("not_dividing", {"H": 2, "T": 0, "ranks_per_worker": 3}, {}),
+        ("K", {"H": 2, "T": 0, "K": 4, "ranks_per_worker": 2}, {}),
+        ("bad_value", {"H": 2, "T": 0, "ranks_per_worker": 0}, {}),
+        # nodes of 1, 1 and 2 ranks
+        ("unequal_nodes", {"H": 2, "T": 0, "ranks_per_worker": "node"},
+         {"LOCAL_SIZE": "1" if rank < 2 else "2", "LOCAL_RANK": "0" if rank < 2 else str(rank - 2)}),
+    ]:  # fmt: skip
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        engine = engine_for(block)
+        try:
+            localsgd_ds.attach(engine, steps_per_epoch=2)
+            errors[name] = None
+        except localsgd_ds.ConfigError as e:
+            errors[name] = str(e)
+        finally:
+            for k, v in saved.items():
+                os.environ[k] = v
+    return errors
 
 
 CKPT_BLOCK = {"H": 4, "T": 1, "slowmo": {"beta": 0.5, "alpha": 1.0}}

@@ -156,7 +156,7 @@ class _Engine:
     ],
 )
 def test_check_engine_refuses_what_the_engine_runs_by_key(engine, key):
-    from localsgd_ds.hook import check_engine
+    from localsgd_ds.config import check_engine
 
     with pytest.raises(ConfigError, match=key):
         check_engine(engine, LocalSGDConfig.from_dict({"H": 2, "T": 0}))

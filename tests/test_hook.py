@@ -42,6 +42,16 @@ FIRST_LAUNCH = [
 ]
 
 
+WORKERS_LAUNCH = [
+    "workers_local",
+    "workers_postlocal",
+    "workers_slowmo",
+    "workers_node",
+    "workers_one",
+    "workers_errors",
+]
+
+
 def launch(tmp: Path, nprocs: int, scenarios: list[str], ckpt_dir: Path) -> list[dict]:
     run_ranks([WORKER, str(tmp), *scenarios], nprocs, timeout=600, env={"CKPT_DIR": str(ckpt_dir)})
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
@@ -53,7 +63,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     first = launch(tmp_path_factory.mktemp("k2"), 2, FIRST_LAUNCH, ckpt)
     # The resume runs in fresh processes, as after a crash.
     second = launch(tmp_path_factory.mktemp("k2resume"), 2, ["ckpt_part2", "ckpt_changed_h"], ckpt)
-    four = launch(tmp_path_factory.mktemp("k4"), 4, ["local_h3", "postlocal"], ckpt)
+    four = launch(tmp_path_factory.mktemp("k4"), 4, ["local_h3", "postlocal", *WORKERS_LAUNCH], ckpt)
     return {"k2": [{**a, **b} for a, b in zip(first, second)], "k4": four}
 
 
@@ -292,3 +302,87 @@ def test_autocast_bf16_matches_a_reference_run(runs):
     assert_matches_reference(
         per_rank(runs, "autocast_reference"), reference(2, 6, H=2, switch=0, autocast=True)
     )
+
+
+# -- workers of several ranks (issue: a worker is a node) -----------------------------------------------------
+
+WORKER_OF = {0: (0, 1), 1: (0, 1), 2: (2, 3), 3: (2, 3)}
+
+
+def assert_workers_behave(results: list[dict], H: int, switch: int) -> None:
+    """On local steps no collective spans workers except at a sync; a worker's ranks are identical at every
+    step; workers differ between syncs."""
+    for rank, r in enumerate(results):
+        for t in r["trace"]:
+            if not t["local"]:
+                continue
+            sync = (t["step"] + 1 - switch) % H == 0
+            spanning = [g for g in t["groups"] if not set(g) <= set(WORKER_OF[rank])]
+            if not sync:
+                assert spanning == [], (
+                    f"rank {rank} step {t['step']}: collectives span workers: {t['groups']}"
+                )
+            else:
+                assert spanning, f"rank {rank} step {t['step']}: a sync without a collective across workers"
+    for step_idx, t in enumerate(results[0]["trace"]):
+        params = [r["trace"][step_idx]["params"] for r in results]
+        for a, b in ((0, 1), (2, 3)):
+            assert all(torch.equal(x, y) for x, y in zip(params[a], params[b])), (
+                f"worker ranks {a}, {b} differ"
+            )
+        if t["local"] and (t["step"] + 1 - switch) % H != 0:
+            assert not all(torch.equal(x, y) for x, y in zip(params[0], params[2])), (
+                "workers identical off-sync"
+            )
+
+
+def test_workers_of_two_ranks_local_sgd_matches_reference(runs):
+    results = per_rank(runs, "workers_local", "k4")
+    assert_workers_behave(results, H=2, switch=0)
+    assert_matches_reference(results, reference(4, 5, H=2, switch=0, ranks_per_worker=2))
+    stats = results[0]["stats"]
+    assert stats["worker_grad_allreduces"] == 5 and stats["grad_allreduces"] == 0 and stats["syncs"] == 2
+    assert stats["bytes_inside_workers"] > 0 and stats["bytes_across_workers"] > 0
+
+
+def test_workers_post_local_with_accumulation_and_clipping_matches_reference(runs):
+    results = per_rank(runs, "workers_postlocal", "k4")
+    assert [t["local"] for t in results[0]["trace"]] == [False] * 3 + [True] * 5
+    assert_workers_behave(results, H=2, switch=3)
+    ref = reference(4, 8, H=2, switch=3, gas=2, clip=0.05, ranks_per_worker=2)
+    assert_matches_reference(results, ref)
+
+
+def test_workers_slowmo_matches_reference(runs):
+    results = per_rank(runs, "workers_slowmo", "k4")
+    ref = reference(4, 6, H=2, switch=0, slowmo=(0.5, 1.0), ranks_per_worker=2)
+    assert_matches_reference(results, ref, atol=1e-5)
+
+
+def test_sync_sends_one_copy_per_worker_across_workers(runs):
+    results = per_rank(runs, "workers_local", "k4")
+    param_bytes = sum(v.numel() * 4 for k, v in results[0]["model"].items() if v.is_floating_point())
+    across = sum(r["stats"]["bytes_across_workers"] for r in results[:2])  # both ranks of worker 0
+    counters = (
+        2 * 2 * 8
+    )  # num_batches_tracked (int64) all-reduced over the world at each of 2 syncs, per rank
+    assert across == 2 * param_bytes + counters  # 2 syncs, each one copy of parameters + BN statistics
+
+
+def test_node_equals_ranks_per_worker_two_and_one_equals_today(runs):
+    node, two = per_rank(runs, "workers_node", "k4"), per_rank(runs, "workers_local", "k4")
+    for a, b in zip(node, two):
+        for name, v in a["model"].items():
+            assert torch.equal(v, b["model"][name]), name
+    for r in per_rank(runs, "workers_one", "k4"):
+        for name, v in r["with_key"]["model"].items():
+            assert torch.equal(v, r["without"]["model"][name]), name
+        assert r["with_key"]["trace"][1]["collectives"] == r["without"]["trace"][1]["collectives"]
+
+
+def test_workers_refusals_name_the_key_and_value(runs):
+    for errors in per_rank(runs, "workers_errors", "k4"):
+        assert "local_sgd.ranks_per_worker = 3 does not divide the world size 4" in errors["not_dividing"]
+        assert "local_sgd.K = 4 but world size 4 / ranks_per_worker 2 = 2 workers" in errors["K"]
+        assert 'local_sgd.ranks_per_worker must be an integer >= 1 or "node", got 0' in errors["bad_value"]
+        assert 'ranks_per_worker = "node" but the nodes run [1, 2] ranks' in errors["unequal_nodes"]
