@@ -18,7 +18,7 @@ from data_prep's global shuffle. webdataset's usual alternative (resampled shard
 draws shards with replacement: some samples are seen twice in an "epoch", others not at all.
 
 Determinism. A train loader's batches are a pure function of (location's manifest, seed, epoch, rank,
-world_size, num_workers, batch_size, image_size, shuffle_block, crop_scale, hflip): every random
+world_size, num_workers, batch_size, image_size, shuffle_block, crop_scale, hflip, jpeg_draft): every random
 choice (order, rotation, block permutation, crop, flip) comes from a seed derived from those and the
 sample's position, never from process state or timing. ``skip_batches=n`` yields exactly the batches ``n, n+1, ...`` of the same
 epoch, reading from the nearest seek point and decoding nothing it skips, so a run resumed mid-epoch
@@ -252,12 +252,21 @@ def random_resized_crop(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _crop_resize(im: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
-    """Resize ``box`` of ``im`` to size x size (antialiased bilinear), decoding as little as possible."""
+def _crop_resize(
+    im: Image.Image, box: tuple[float, float, float, float], size: int, draft: bool
+) -> Image.Image:
+    """Resize ``box`` of ``im`` to size x size (antialiased bilinear, as torchvision on a PIL image).
+
+    ``draft``: when the crop is at least twice the output, let libjpeg scale by 1/2, 1/4 or 1/8 in the
+    DCT while the crop still keeps >= ``size`` pixels. That is not torchvision's resize (a center crop of
+    a 1000x750 photo came out up to 19/255 off), so validation never drafts. Training does, because it
+    pays on large images: in ``benchmarks/bench_loader.py --draft-ab`` the loader needed 1.31x (1000x750)
+    and 1.57x (2000x1500) the CPU per image without it (medians of 7 interleaved rounds; at 500x375,
+    where no crop is large enough to draft, 0.92x: noise). See data_prep/README.md, "Loader benchmark".
+    """
     width, height = im.size
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-    if im.format == "JPEG" and min(crop_w, crop_h) >= 2 * size:
-        # Let libjpeg scale by 1/2, 1/4 or 1/8 in the DCT while the crop still keeps >= size pixels.
+    if draft and im.format == "JPEG" and min(crop_w, crop_h) >= 2 * size:
         drafted = im.draft(None, (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
         if drafted is not None:
             s = width / drafted[1][2]
@@ -274,20 +283,24 @@ def decode_train(
     size: int,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     hflip: bool = True,
+    draft: bool = True,
 ) -> np.ndarray:
     """RandomResizedCrop(size, scale=crop_scale) + horizontal flip (unless ``hflip`` is False) of one
-    encoded image; returns HWC uint8 RGB. The flip coin is tossed either way, so the crops do not move."""
+    encoded image; returns HWC uint8 RGB. The flip coin is tossed either way, so the crops do not move.
+    ``draft``: decode large JPEGs at a reduced DCT scale when the crop is at least twice ``size``."""
     im = Image.open(io.BytesIO(jpeg))
     left, top, w, h = random_resized_crop(im.width, im.height, rng, scale=crop_scale)
     flip = rng.random() < 0.5 and hflip
-    out = _crop_resize(im, (left, top, left + w, top + h), size)
+    out = _crop_resize(im, (left, top, left + w, top + h), size, draft)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)
 
 
 def decode_val(jpeg: bytes, resize: int, crop: int) -> np.ndarray:
-    """Resize(short side to ``resize``) + CenterCrop(``crop``) done as one box resize; HWC uint8 RGB."""
+    """Resize(short side to ``resize``) + CenterCrop(``crop``) done as one box resize; HWC uint8 RGB.
+
+    Always decoded at full size: within 1/255 of torchvision's Resize + CenterCrop at any image size."""
     im = Image.open(io.BytesIO(jpeg))
     width, height = im.size
     if width <= height:
@@ -296,7 +309,9 @@ def decode_val(jpeg: bytes, resize: int, crop: int) -> np.ndarray:
         new_w, new_h = int(resize * width / height), resize
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
     sx, sy = width / new_w, height / new_h
-    return np.asarray(_crop_resize(im, (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy), crop))
+    return np.asarray(
+        _crop_resize(im, (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy), crop, False)
+    )
 
 
 # (x - mean) / std == x * _SCALE + _SHIFT, per channel, for x in 0..255
@@ -522,10 +537,12 @@ class _TrainStream(IterableDataset):
         with_keys: bool,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: bool = True,
+        jpeg_draft: bool = True,
     ):
         self.manifest = manifest
         self.crop_scale = crop_scale
         self.hflip = hflip
+        self.jpeg_draft = jpeg_draft
         self.batch_size = batch_size
         self.rank = rank
         self.epoch = epoch
@@ -590,7 +607,12 @@ class _TrainStream(IterableDataset):
                     continue
                 try:
                     image = decode_train(
-                        sample.jpeg, self._rng(worker, pos), self.image_size, self.crop_scale, self.hflip
+                        sample.jpeg,
+                        self._rng(worker, pos),
+                        self.image_size,
+                        self.crop_scale,
+                        self.hflip,
+                        self.jpeg_draft,
                     )
                 except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt sample
                     skipped.append(_log_skip(sample, f"{type(exc).__name__}: {exc}"))
@@ -600,7 +622,12 @@ class _TrainStream(IterableDataset):
                     yield (
                         sample,
                         decode_train(
-                            sample.jpeg, self._rng(worker, q), self.image_size, self.crop_scale, self.hflip
+                            sample.jpeg,
+                            self._rng(worker, q),
+                            self.image_size,
+                            self.crop_scale,
+                            self.hflip,
+                            self.jpeg_draft,
                         ),
                     )
                 owed.clear()
@@ -615,7 +642,12 @@ class _TrainStream(IterableDataset):
                     yield (
                         last,
                         decode_train(
-                            last.jpeg, self._rng(worker, q), self.image_size, self.crop_scale, self.hflip
+                            last.jpeg,
+                            self._rng(worker, q),
+                            self.image_size,
+                            self.crop_scale,
+                            self.hflip,
+                            self.jpeg_draft,
                         ),
                     )
 
@@ -796,12 +828,14 @@ def train_loader(
     pin_memory: bool | None = None,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     hflip: bool = True,
+    jpeg_draft: bool = True,
 ) -> ShardLoader:
     """This rank's training batches of ``epoch``: exactly ``steps_per_epoch - skip_batches`` of them.
 
     Batches are ``(float32 [B, 3, image_size, image_size], int64 [B])`` (plus a tuple of sample keys
     with ``with_keys=True``), RandomResizedCrop (area fraction drawn from ``crop_scale``; ImageNet's
     (0.08, 1) by default) + horizontal flip (``hflip``), normalized with ImageNet mean/std.
+    ``jpeg_draft=False`` decodes every JPEG at full size (slower on large images; see ``_crop_resize``).
     """
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise ValueError(f"crop_scale={crop_scale}: must satisfy 0 < low <= high <= 1")
@@ -835,6 +869,7 @@ def train_loader(
         with_keys=with_keys,
         crop_scale=tuple(crop_scale),
         hflip=hflip,
+        jpeg_draft=jpeg_draft,
     )
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return ShardLoader(
