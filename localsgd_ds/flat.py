@@ -18,11 +18,11 @@ memory. ``FlatLayout`` decides what goes where and remembers it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from localsgd_ds.averaging import flatten_
+from localsgd_ds.averaging import average_, broadcast_, flatten_, start_average_
 from localsgd_ds.config import ConfigError
 
 
@@ -129,7 +129,39 @@ class FlatLayout:
         """The buffer part of each flat buffer (what the mSGD phase averages: parameters are identical)."""
         return [flat[n:] for flat, n in zip(self.flats, self._param_numel) if flat.numel() > n]
 
+    def start_other_buffers(
+        self,
+        world_size: int,
+        bucket_bytes: int,
+        scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor],
+    ) -> Callable[[], int]:
+        """Start syncing the buffers outside the flat buffers: integer counters (averaged as integers), or
+        every synced buffer under "broadcast" (rank 0's); bool masks never. Returns the function that
+        finishes the job and returns the bytes: buffers that fit one bucket are averaged asynchronously from
+        now on, alongside the parameter all-reduce; the rest waits for that function, in bounded buckets."""
+        if world_size == 1 or self.buffer_policy == "local":
+            return lambda: 0
+        if self.buffer_policy == "broadcast":
+            return lambda: broadcast_(self.synced_buffers, src=0, bucket_bytes=bucket_bytes, scratch=scratch)
+        others = self.other_buffers
+        if sum(b.numel() * b.element_size() for b in others) <= bucket_bytes:
+            return start_average_(others, world_size=world_size)
+        return lambda: average_(others, world_size=world_size, bucket_bytes=bucket_bytes, scratch=scratch)
+
     @property
     def synced_buffers(self) -> list[torch.Tensor]:
         """Every buffer a sync touches (floating point and counters; never bool masks)."""
         return [b for b in self.buffers if is_synced_buffer(b)]
+
+
+def optimizer_state_tensors(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Every floating-point tensor the optimizer keeps per parameter (SGD: ``momentum_buffer``; Adam: both
+    moments), in parameter order, so that all ranks pack the same buckets."""
+    out = []
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
+                out.append(value)
+    return out

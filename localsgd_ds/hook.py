@@ -29,16 +29,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd_ds.averaging import average_, average_flat_, broadcast_, slowmo_step_, start_average_
+from localsgd_ds.averaging import average_, average_flat_, slowmo_step_
 from localsgd_ds.config import ConfigError, LocalSGDConfig, check_engine, ds_config_dict
-from localsgd_ds.flat import FlatLayout
+from localsgd_ds.flat import FlatLayout, optimizer_state_tensors
+from localsgd_ds.rank_state import load_rank_file, save_rank_file
 from localsgd_ds.stats import CommStats
 from localsgd_ds.workers import Workers, average_across_workers_, make_workers, node_size
 
 log = logging.getLogger("localsgd_ds")
 
 STATE_VERSION = 1
-RANK_FILE = "local_sgd_rank{rank:05d}.pt"
 
 
 def _device_synchronize(device: torch.device) -> None:
@@ -273,7 +273,7 @@ class LocalSGD:
             log.warning("local_sgd: parameters or buffers were moved after attach(); flattening them again")
             layout.layout()
         # The buffers outside the flat buffers (BatchNorm's integer counters) go first and travel alongside.
-        finish_other_buffers = self._start_other_buffers()
+        finish_other_buffers = layout.start_other_buffers(self.world_size, self._bucket_bytes, self._scratch)
         if stale:
             if workers.grouped:
                 # Float buffers differ between a worker's ranks: the worker's mean first, then the
@@ -318,42 +318,10 @@ class LocalSGD:
         self.stats.syncs += int(stale)
         self.stats.forced_syncs += int(stale and forced)
 
-    def _start_other_buffers(self) -> Callable[[], int]:
-        """Buffers outside the flat buffers: integer counters (averaged as integers), or all synced ones under
-        "broadcast"; bool masks never.
-        Returns the function that does (or finishes) the job and returns the bytes: buffers that fit one
-        bucket are averaged asynchronously from now on, overlapping the parameter all-reduce; the rest waits
-        for that function, in bounded buckets."""
-        if self.world_size == 1 or self.config.buffers == "local":
-            return lambda: 0
-        if self.config.buffers == "broadcast":
-            return lambda: broadcast_(
-                self._layout.synced_buffers, src=0, bucket_bytes=self._bucket_bytes, scratch=self._scratch
-            )
-        others = self._layout.other_buffers
-        if sum(b.numel() * b.element_size() for b in others) <= self._bucket_bytes:
-            return start_average_(others, world_size=self.world_size)
-        return lambda: average_(
-            others,
-            world_size=self.world_size,
-            bucket_bytes=self._bucket_bytes,
-            scratch=self._scratch,
-        )
-
-    def _momentum_tensors(self) -> list[torch.Tensor]:
-        # Every floating-point tensor the optimizer keeps per parameter (SGD: momentum_buffer; Adam: both
-        # moments), in parameter order so all ranks pack the same buckets.
-        out = []
-        for p in self._params:
-            for value in self._optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
-                    out.append(value)
-        return out
-
     def _sync_momentum(self) -> int:
         if self.config.momentum == "local":
             return 0
-        tensors = self._momentum_tensors()
+        tensors = optimizer_state_tensors(self._optimizer, self._params)
         if self.config.momentum == "reset":
             for t in tensors:
                 t.zero_()
@@ -466,35 +434,17 @@ class LocalSGD:
         self._apply_phase()
 
     def _save_rank_state(self, tag_dir: str) -> None:
-        os.makedirs(tag_dir, exist_ok=True)
-        state: dict[str, Any] = {
-            "world_size": self.world_size,
-            "step": self.step,
-            "buffers": [b.detach().cpu() for b in self._buffers],
-        }
+        state: dict[str, Any] = {"step": self.step, "buffers": [b.detach().cpu() for b in self._buffers]}
         if self.is_stale:  # only then do the parameters differ from the averaged model file
             state["params"] = [p.detach().cpu() for p in self._params]
         if self.config.uses_local_phase:  # mid-period, every policy leaves the optimizer state local
             state["optimizer"] = self._optimizer.state_dict()
-        path = os.path.join(tag_dir, RANK_FILE.format(rank=self.rank))
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a partial file under the real name
+        save_rank_file(tag_dir, self.rank, self.world_size, state)
 
     @torch.no_grad()
     def _load_rank_state(self, tag_dir: str) -> None:
-        path = os.path.join(tag_dir, RANK_FILE.format(rank=self.rank))
-        if not os.path.exists(path):
-            log.warning("local_sgd: no %s; every rank resumes from the averaged model", path)
-            return
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["world_size"] != self.world_size:
-            log.warning(
-                "local_sgd: %s was written by a run of %d workers (now %d); every rank resumes from the "
-                "averaged model",
-                path,
-                state["world_size"],
-                self.world_size,
-            )
+        state = load_rank_file(tag_dir, self.rank, self.world_size)
+        if state is None:
             return
         for b, saved in zip(self._buffers, state["buffers"], strict=True):
             b.copy_(saved)
