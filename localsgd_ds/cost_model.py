@@ -155,6 +155,92 @@ def predict(work: Workload, *, workers: int, link: Link, H: int | None = None) -
     )
 
 
+def predict_nodes(
+    work: Workload,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    inter: Link,
+    intra: Link,
+    H: int | None = None,
+    worker: str = "gpu",
+) -> Prediction:
+    """Time per step on ``nodes`` x ``gpus_per_node`` GPUs: a fast link inside a node (``intra``, per GPU,
+    NVLink) and a slow one between nodes (``inter``, one per node, shared by its GPUs).
+
+    Every all-reduce over all GPUs is hierarchical (what NCCL does on such a machine): reduce-scatter inside
+    the node, an all-reduce of each GPU's 1/g across nodes (one copy of the data per node crosses the node's
+    link), all-gather inside the node. ``worker="gpu"``: K = all GPUs, local SGD syncs every H steps and
+    nothing else. ``worker="node"`` (``ranks_per_worker: "node"``): K = nodes, gradients all-reduced inside
+    the node every step, parameters averaged across nodes every H (localsgd_ds/workers.py). mSGD (``H=None``)
+    is the same for both. ``wire_bytes_per_step`` counts what crosses one node's link.
+    """
+    if worker not in ("gpu", "node"):
+        raise ValueError(f'worker must be "gpu" or "node", got {worker!r}')
+    if H is not None and H < 1:
+        raise ValueError(f"H must be >= 1 or None, got {H!r}")
+    g = gpus_per_node
+
+    def inside(nbytes: float) -> float:  # reduce-scatter + all-gather inside a node
+        return allreduce_seconds(nbytes, g, intra) if g > 1 else 0.0
+
+    def across(nbytes: float) -> float:  # the node's share over its one link
+        return allreduce_seconds(nbytes, nodes, inter)
+
+    if H is None:
+        comm = inside(work.grad_bytes) + across(work.grad_bytes)
+        wire = ring_allreduce_bytes(work.grad_bytes, nodes)
+    else:
+        comm = (inside(work.sync_bytes) + across(work.sync_bytes)) / H
+        wire = ring_allreduce_bytes(work.sync_bytes, nodes) / H
+        if worker == "node":
+            comm += inside(work.grad_bytes)
+    step = work.compute_s + comm
+    n = steps_per_epoch(work, nodes * g)
+    workers = nodes * g if worker == "gpu" or H is None else nodes
+    return Prediction(
+        workers=workers,
+        H=H,
+        step_s=step,
+        comm_s=comm,
+        wire_bytes_per_step=wire,
+        steps_per_epoch=n,
+        epoch_s=n * step,
+    )
+
+
+def nodes_table(
+    work: Workload,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    inter: Link,
+    intra: Link,
+    hs: Sequence[int] = (2, 8, 32),
+) -> str:
+    """Markdown: mSGD, local SGD with a GPU as a worker, and with a node as a worker, at each H."""
+    msgd = predict_nodes(work, nodes=nodes, gpus_per_node=gpus_per_node, inter=inter, intra=intra)
+    lines = [
+        "| method | K | H x K | step (ms) | comm share | across a node's link per step (MB) | epoch (min) "
+        "| epoch time saved vs mSGD |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [("mSGD", msgd)]
+    for h in hs:
+        for worker in ("gpu", "node"):
+            p = predict_nodes(
+                work, nodes=nodes, gpus_per_node=gpus_per_node, inter=inter, intra=intra, H=h, worker=worker
+            )
+            rows.append((f"local SGD H={h}, worker = {worker}", p))
+    for name, p in rows:
+        hk = "-" if p.H is None else str(p.H * p.workers)
+        lines.append(
+            f"| {name} | {p.workers} | {hk} | {_ms(p.step_s)} | {p.comm_share:.1%} "
+            f"| {p.wire_bytes_per_step / 1e6:.1f} | {p.epoch_s / 60:.2f} | {1 - p.epoch_s / msgd.epoch_s:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def fit_link(samples: Sequence[tuple[float, float]], workers: int) -> Link:
     """The link that best explains timed all-reduces ``(nbytes, seconds)`` on ``workers`` workers.
 
@@ -267,6 +353,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--gbit", type=float, default=25.0, help="link Gbit/s for the answer table (default 25)"
     )
     parser.add_argument("--latency-us", type=float, default=10.0, help="per-hop latency in us (default 10)")
+    parser.add_argument("--nodes", type=int, default=32, help="nodes for the node-worker table (default 32)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument(
+        "--intra-gbit",
+        type=float,
+        default=2400.0,
+        help="per-GPU bandwidth inside a node in Gbit/s (default 2400: NVLink, 300 GB/s each way)",
+    )
     args = parser.parse_args(argv)
 
     compute_s, batch, source = args.compute_s, args.batch, "assumed (--compute-s)"
@@ -301,6 +395,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         m = predict(w, workers=64, link=Link(25, link.latency_s))
         l8 = predict(w, workers=64, link=Link(25, link.latency_s), H=8)
         print(f"| {c * 1e3:g} | {m.comm_share:.1%} | {1 - l8.epoch_s / m.epoch_s:.1%} |")
+    intra = Link(gbit_per_s=args.intra_gbit, latency_s=2e-6)
+    print(
+        f"\n## {args.nodes} nodes x {args.gpus_per_node} GPUs: {args.gbit:g} Gbit/s between nodes, "
+        f"{args.intra_gbit:g} Gbit/s per GPU inside a node, compute {compute_s * 1e3:.1f} ms\n"
+    )
+    print(nodes_table(work, nodes=args.nodes, gpus_per_node=args.gpus_per_node, inter=link, intra=intra))
 
 
 if __name__ == "__main__":

@@ -106,3 +106,23 @@ def test_cli_prints_the_k64_25gbit_answer(capsys):
     assert "| mSGD |" in out and "| local SGD H=8 |" in out
     table = answer_table(WORK, workers=64, link=Link(gbit_per_s=25))
     assert table.count("\n") == 8  # header, rule, mSGD and H in 1..32
+
+
+def test_nodes_as_workers_pay_one_intra_node_gradient_all_reduce_per_step_and_send_the_same_across():
+    from localsgd_ds.cost_model import Link, Workload, allreduce_seconds, predict_nodes, ring_allreduce_bytes
+
+    work = Workload.for_model("resnet50", compute_s=0.1)
+    inter, intra = Link(25), Link(2400, latency_s=2e-6)
+    kw = dict(nodes=32, gpus_per_node=8, inter=inter, intra=intra)
+    msgd = predict_nodes(work, **kw)
+    gpu = predict_nodes(work, H=8, worker="gpu", **kw)
+    node = predict_nodes(work, H=8, worker="node", **kw)
+    assert (msgd.workers, gpu.workers, node.workers) == (256, 256, 32)
+    # one copy of the data per node crosses the node's link, whoever the worker is
+    assert gpu.wire_bytes_per_step == node.wire_bytes_per_step
+    assert abs(node.wire_bytes_per_step - ring_allreduce_bytes(work.sync_bytes, 32) / 8) < 1e-6
+    assert abs(node.comm_s - gpu.comm_s - allreduce_seconds(work.grad_bytes, 8, intra)) < 1e-12
+    # hierarchical mSGD: inside (NVLink) plus across (the node's link)
+    expect = allreduce_seconds(work.grad_bytes, 8, intra) + allreduce_seconds(work.grad_bytes, 32, inter)
+    assert abs(msgd.comm_s - expect) < 1e-12
+    assert msgd.steps_per_epoch == gpu.steps_per_epoch == node.steps_per_epoch  # global batch B x 256 GPUs
