@@ -185,7 +185,10 @@ class LocalSGDConfig:
 
     def resolve(self, world_size: int, local_size: int | None = None) -> LocalSGDConfig:
         """This config with ``ranks_per_worker`` made an integer (``local_size``: the launcher's ranks on this
-        node, for "node") and ``K`` checked against (or, for "auto", set to) the number of workers."""
+        node, for "node") and ``K`` checked against (or, for "auto", set to) the number of workers. A "node"
+        with no ``local_size`` is left as it is, for ``attach`` to resolve (it asks every rank)."""
+        if self.ranks_per_worker == "node" and local_size is None:
+            return self
         r = resolve_ranks_per_worker(self.ranks_per_worker, world_size, local_size)
         workers = world_size // r
         if self.K == "auto":

@@ -188,3 +188,13 @@ def test_resolve_checks_K_against_the_number_of_workers():
     assert cfg.resolve(8).K == 8 and LocalSGDConfig.from_dict({"H": 2, "T": 0, "K": 4}).resolve(4).K == 4
     with pytest.raises(ConfigError, match="local_sgd.K = 4 but the data-parallel world size is 2"):
         LocalSGDConfig.from_dict({"H": 2, "T": 0, "K": 4}).resolve(2)
+
+
+def test_ranks_per_worker_resolves_K_and_node_waits_for_the_launcher():
+    cfg = LocalSGDConfig.from_dict({"H": 2, "T": 0, "ranks_per_worker": 8})
+    assert cfg.resolve(64) == LocalSGDConfig.from_dict({"H": 2, "T": 0, "K": 8, "ranks_per_worker": 8})
+    node = LocalSGDConfig.from_dict({"H": 2, "T": 0, "ranks_per_worker": "node"})
+    assert node.resolve(16) is node  # no local size known yet: attach resolves it on every rank
+    assert node.resolve(16, local_size=4).ranks_per_worker == 4 and node.resolve(16, local_size=4).K == 4
+    with pytest.raises(ConfigError, match='"node" = 3 ranks on this node, which does not divide'):
+        node.resolve(16, local_size=3)
