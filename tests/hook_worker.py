@@ -359,32 +359,47 @@ CKPT_BLOCK = {"H": 4, "T": 1, "slowmo": {"beta": 0.5, "alpha": 1.0}}
 CKPT_SPE, CKPT_AT, CKPT_END = 3, 5, 10  # switch at step 3, syncs at 7 and 11: the save at 5 is mid-period
 
 
-def ckpt_full() -> dict:
-    engine = engine_for(CKPT_BLOCK)
+def ckpt_full(block: dict = CKPT_BLOCK, name: str = "") -> dict:
+    engine = engine_for(block)
     hook = localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
     train(engine, CKPT_AT, hook=hook)
-    engine.save_checkpoint(os.environ["CKPT_DIR"] + "/full", tag="mid")
+    engine.save_checkpoint(os.environ["CKPT_DIR"] + f"/full{name}", tag="mid")
     train(engine, CKPT_END - CKPT_AT, start=CKPT_AT, hook=hook)
     return {**state(engine), "stats": hook.stats.as_dict()}
 
 
-def ckpt_part1() -> dict:
-    engine = engine_for(CKPT_BLOCK)
+def ckpt_part1(block: dict = CKPT_BLOCK, name: str = "") -> dict:
+    engine = engine_for(block)
     hook = localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
     train(engine, CKPT_AT, hook=hook)
     before = state(engine)
-    engine.save_checkpoint(os.environ["CKPT_DIR"] + "/part", tag="mid")
+    engine.save_checkpoint(os.environ["CKPT_DIR"] + f"/part{name}", tag="mid")
     return {"before_save": before, "after_save": state(engine)}
 
 
-def ckpt_part2() -> dict:
-    engine = engine_for(CKPT_BLOCK, seed=123)  # different init: everything must come from the checkpoint
+def ckpt_part2(block: dict = CKPT_BLOCK, name: str = "") -> dict:
+    engine = engine_for(block, seed=123)  # different init: everything must come from the checkpoint
     hook = localsgd_ds.attach(engine, steps_per_epoch=CKPT_SPE)
-    path, _ = engine.load_checkpoint(os.environ["CKPT_DIR"] + "/part")
+    path, _ = engine.load_checkpoint(os.environ["CKPT_DIR"] + f"/part{name}")
     assert path is not None
     resumed_step = hook.step
     train(engine, CKPT_END - CKPT_AT, start=CKPT_AT, hook=hook)
     return {**state(engine), "resumed_step": resumed_step, "stats": hook.stats.as_dict()}
+
+
+WORKERS_CKPT = {**CKPT_BLOCK, "ranks_per_worker": 2}
+
+
+def workers_ckpt_full() -> dict:
+    return ckpt_full(WORKERS_CKPT, "_workers")
+
+
+def workers_ckpt_part1() -> dict:
+    return ckpt_part1(WORKERS_CKPT, "_workers")
+
+
+def workers_ckpt_part2() -> dict:
+    return ckpt_part2(WORKERS_CKPT, "_workers")
 
 
 def ckpt_changed_h() -> dict:

@@ -49,6 +49,8 @@ WORKERS_LAUNCH = [
     "workers_node",
     "workers_one",
     "workers_errors",
+    "workers_ckpt_full",
+    "workers_ckpt_part1",
 ]
 
 
@@ -64,7 +66,11 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     # The resume runs in fresh processes, as after a crash.
     second = launch(tmp_path_factory.mktemp("k2resume"), 2, ["ckpt_part2", "ckpt_changed_h"], ckpt)
     four = launch(tmp_path_factory.mktemp("k4"), 4, ["local_h3", "postlocal", *WORKERS_LAUNCH], ckpt)
-    return {"k2": [{**a, **b} for a, b in zip(first, second)], "k4": four}
+    four_resumed = launch(tmp_path_factory.mktemp("k4resume"), 4, ["workers_ckpt_part2"], ckpt)
+    return {
+        "k2": [{**a, **b} for a, b in zip(first, second)],
+        "k4": [{**a, **b} for a, b in zip(four, four_resumed)],
+    }
 
 
 def per_rank(runs, scenario, k="k2"):
@@ -386,3 +392,18 @@ def test_workers_refusals_name_the_key_and_value(runs):
         assert "local_sgd.K = 4 but world size 4 / ranks_per_worker 2 = 2 workers" in errors["K"]
         assert 'local_sgd.ranks_per_worker must be an integer >= 1 or "node", got 0' in errors["bad_value"]
         assert 'ranks_per_worker = "node" but the nodes run [1, 2] ranks' in errors["unequal_nodes"]
+
+
+def test_workers_checkpoint_mid_period_resumes_exactly(runs):
+    full, part1, part2 = (
+        per_rank(runs, s, "k4") for s in ("workers_ckpt_full", "workers_ckpt_part1", "workers_ckpt_part2")
+    )
+    assert not torch.equal(
+        part1[0]["before_save"]["model"]["fc.weight"], part1[2]["before_save"]["model"]["fc.weight"]
+    )
+    for rank in range(4):
+        assert part2[rank]["resumed_step"] == 5
+        for name, v in full[rank]["model"].items():
+            assert torch.equal(v, part2[rank]["model"][name]), f"rank {rank} {name} differs after resume"
+        for a, b in zip(full[rank]["momentum"], part2[rank]["momentum"]):
+            assert torch.equal(a, b)
