@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace shards made from other inputs or settings"
     )
     sh.add_argument(
-        "--tmp-dir", help="local scratch folder for shards on their way to S3 (default: system temp)"
+        "--tmp-dir",
+        help="local scratch folder for shards on their way to S3: they are staged in TMP_DIR/localsgd-staging, "
+        "where each run removes what killed runs left (default: the system temp folder)",
     )
     sh.add_argument("--no-progress", action="store_true", help="no progress bar")
 

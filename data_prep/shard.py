@@ -12,7 +12,9 @@ reproducible (fixed tar metadata), which is what makes the job resumable:
   ``<out>/<split>/_work/``; a rerun reuses every shard whose record matches the plan and whose object
   is present with the recorded size, and writes the rest;
 - the manifest is written last, then the records are removed. A location whose manifest was made
-  with other settings or other inputs is refused unless ``overwrite=True``.
+  with other settings or other inputs is refused unless ``overwrite=True``;
+- shards bound for S3 are staged locally under ``<tmp_dir>/localsgd-staging`` (data_prep.staging): a
+  run removes what killed runs left there, and never what a running job holds.
 
 Unreadable or corrupt images are reported by path and skipped (listed in the manifest under
 ``skipped``); ``strict=True`` makes the first one fatal. CMYK and grayscale JPEGs are stored as they
@@ -44,6 +46,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.layout import SourceDataset, SourceSample, SourceSplit, discover
+from data_prep.staging import Staging
 
 MANIFEST_FORMAT = "localsgd-ds-shards/1"  # the same string as localsgd_ds.data.MANIFEST_FORMAT (tested)
 TOOL = "data_prep 1"
@@ -491,11 +494,22 @@ def shard_dataset(
             f"{s3.redact(out)}: http(s) locations are read-only; write to a path or s3://bucket/prefix"
         )
     source = discover(src, splits)
-    if loc.kind == "s3":
-        s3.ensure_bucket(out)
-        aborted = s3.abort_incomplete_uploads(out)
-        if aborted and progress:
-            print(f"aborted {aborted} incomplete multipart upload(s) left under {s3.redact(out)}")
+    with contextlib.ExitStack() as stack:
+        if loc.kind == "s3":
+            s3.ensure_bucket(out)
+            aborted = s3.abort_incomplete_uploads(out)
+            staging = stack.enter_context(Staging(out, tmp_dir))  # removes killed jobs' staged shards
+            if aborted and progress:
+                print(f"aborted {aborted} incomplete multipart upload(s) left under {s3.redact(out)}")
+            if staging.removed and progress:
+                print(f"removed {len(staging.removed)} staging folder(s) of killed jobs in {staging.root}")
+            tmp_dir = str(staging.path)
+        return _shard_splits(source, out, settings, workers, overwrite, progress, tmp_dir)
+
+
+def _shard_splits(source, out, settings, workers, overwrite, progress, tmp_dir) -> ShardReport:
+    from localsgd_ds import s3
+
     classes_url = s3.join(out, "classes.json")
     try:
         old_classes = json.loads(s3.read_bytes(classes_url))

@@ -3,6 +3,7 @@ bad inputs, resumability after a real SIGKILL, and ``verify``. Real JPEGs everyw
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from s3_server import ACCESS_KEY, SECRET_KEY, s3_server  # noqa: F401 - the modu
 
 from data_prep.layout import LayoutError, discover
 from data_prep.shard import BadImageError, ShardingError, shard_dataset
+from data_prep.staging import Staging
 from data_prep.synthetic import make_digits_imagefolder, make_photo_imagefolder, wnid, write_edge_cases
 from data_prep.verify import verify_shards
 
@@ -472,6 +474,56 @@ def test_resume_after_sigkill_s3(s3_server, tmp_path):  # noqa: F811
     assert [s["sha256"] for s in report.splits["train"].manifest["shards"]] == [
         s["sha256"] for s in reference.splits["train"].manifest["shards"]
     ]
+
+
+def _kill_group_when(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
+    """SIGKILL the job's whole process group (the CLI and its writer processes) once ``ready()``."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the job finished before it could be interrupted: make it bigger"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # until the writers are gone too (5 s at most)
+        for _ in range(500):
+            os.killpg(proc.pid, 0)
+            time.sleep(0.01)
+
+
+def test_sigkill_mid_upload_leaves_no_staged_files(s3_server, tmp_path):  # noqa: F811
+    """Shards on their way to S3 are staged in the temp folder: a killed job's leftovers are removed
+    by the next run, while a concurrently running job's live staging is kept."""
+    src = make_photo_imagefolder(tmp_path / "src", num_classes=3, train_per_class=40, val_per_class=1)
+    system_tmp = tmp_path / "system-tmp"  # the job's TMPDIR: what tempfile.gettempdir() returns there
+    system_tmp.mkdir()
+    env = {"TMPDIR": str(system_tmp)}
+    args = ["shard", "--src", str(src), "--out", "s3://shards/staged", "--samples-per-shard", "8"]
+    args += ["--splits", "train", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+
+    def staged() -> list[Path]:
+        return [p for p in system_tmp.rglob("*.tar") if p.is_file()]
+
+    _kill_group_when(proc, lambda: staged() and staged()[0].stat().st_size > 100_000)
+    assert staged(), "the kill came after the staged shard was gone: nothing to test"
+    with Staging("s3://shards/another-job", system_tmp) as other:  # a live job: this process holds its lock
+        (other.path / "train-000000.tar").write_bytes(b"half a shard")
+        rerun = run_cli(*args, env=env)
+        assert rerun.returncode == 0, rerun.stderr
+        assert (other.path / "train-000000.tar").read_bytes() == b"half a shard"
+        assert [p.name for p in staged()] == ["train-000000.tar"]  # the killed job's shards are gone
+    assert [p for p in system_tmp.rglob("*") if not p.is_dir()] == []
+    assert [p.name for p in system_tmp.iterdir()] in ([], ["localsgd-staging"])
+    assert list((system_tmp / "localsgd-staging").iterdir()) == []
+    assert "Uploads" not in s3_server.client().list_multipart_uploads(Bucket="shards", Prefix="staged/")
+    report = verify_shards("s3://shards/staged", splits=("train",))
+    assert report.ok and report.splits["train"].samples == 120, report.summary()
 
 
 def test_manifest_format_is_the_readers():
