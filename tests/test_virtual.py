@@ -1,0 +1,120 @@
+"""K virtual workers (stacked replicas in one process) against the hand reference of local SGD
+(hook_reference.py, which the real multi-process DeepSpeed runs of test_hook.py also match)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hook_reference import reference
+from tiny import batch, loss_fn, lr_factor, make_model, make_optimizer
+
+from localsgd_ds.config import ConfigError, LocalSGDConfig
+from localsgd_ds.stacked import stack_replicas, unstack_state_dict
+from localsgd_ds.virtual import VirtualWorkers
+
+ATOL = 1e-5  # grouped convolutions and batched matmuls sum in another order than K separate models
+
+
+def run_virtual(
+    K: int,
+    steps: int,
+    block: dict,
+    *,
+    spe: int,
+    gas: int = 1,
+    clip: float = 0.0,
+    group_lrs=None,
+    schedule: bool = False,
+    forced: tuple[int, ...] = (),
+):
+    model = make_model(0)
+    stacked = stack_replicas(model, K)
+    optimizer = make_optimizer(stacked.net, group_lrs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if schedule else None
+    workers = VirtualWorkers(
+        stacked,
+        LocalSGDConfig.from_dict(block),
+        optimizer,
+        steps_per_epoch=spe,
+        lr_scheduler=scheduler,
+        gradient_clipping=clip,
+        gradient_accumulation_steps=gas,
+    )
+    for s in range(steps):
+        for micro in range(gas):
+            xs, ys = zip(*(batch(k, s, micro) for k in range(K)))
+            logits = workers.forward(torch.stack(xs))
+            loss = sum(loss_fn(logits[k], ys[k]) for k in range(K))  # each replica's own mean loss
+            workers.backward(loss)
+            workers.step()
+        if s + 1 in forced:
+            workers.sync()
+    return workers, [unstack_state_dict(stacked, model, r) for r in range(K)]
+
+
+def assert_close(ours, ref, atol=ATOL):
+    for r, (a, b) in enumerate(zip(ours, ref)):
+        for name, expected in b.items():
+            assert a[name].dtype == expected.dtype, name
+            torch.testing.assert_close(a[name], expected, atol=atol, rtol=0, msg=f"replica {r} {name}")
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_local_sgd_matches_reference(K):
+    workers, ours = run_virtual(K, 7, {"H": 3, "T": 0}, spe=5)
+    assert_close(ours, reference(K, 7, H=3, switch=0))
+    assert workers.stats.syncs == 2 and workers.stats.grad_allreduces == 0
+
+
+def test_post_local_with_a_switch_not_a_multiple_of_H():
+    workers, ours = run_virtual(2, 8, {"H": 2, "T": 1}, spe=3)
+    assert_close(ours, reference(2, 8, H=2, switch=3))
+    assert workers.stats.grad_allreduces == 3 and workers.stats.syncs == 2
+
+
+def test_msgd_keeps_replicas_identical_and_matches_reference():
+    workers, ours = run_virtual(3, 4, {"T": None}, spe=4)
+    assert_close(ours, reference(3, 4, H=1, switch=None))
+    assert all(torch.equal(ours[0]["fc.weight"], o["fc.weight"]) for o in ours)
+
+
+def test_policies_accumulation_and_clipping():
+    _, ours = run_virtual(2, 4, {"H": 2, "T": 0, "buffers": "broadcast", "momentum": "average"}, spe=4)
+    assert_close(ours, reference(2, 4, H=2, switch=0, buffers="broadcast", momentum="average"))
+    _, ours = run_virtual(2, 4, {"H": 2, "T": 0, "buffers": "local", "momentum": "reset"}, spe=4)
+    assert_close(ours, reference(2, 4, H=2, switch=0, buffers="local", momentum="reset"))
+    _, ours = run_virtual(2, 5, {"H": 2, "T": 0}, spe=5, gas=3)
+    assert_close(ours, reference(2, 5, H=2, switch=0, gas=3))
+    _, ours = run_virtual(2, 6, {"H": 2, "T": 1}, spe=2, clip=0.05)
+    assert_close(ours, reference(2, 6, H=2, switch=2, clip=0.05))
+
+
+def test_slowmo_under_a_schedule_with_groups_and_a_forced_sync():
+    block = {"H": 4, "T": 0, "slowmo": {"beta": 0.5, "alpha": 1.0}}
+    _, ours = run_virtual(2, 10, block, spe=10, group_lrs=(0.1, 0.05), schedule=True, forced=(6,))
+    ref = reference(
+        2, 10, H=4, switch=0, slowmo=(0.5, 1.0), group_lrs=(0.1, 0.05), schedule=True, forced=(6,)
+    )
+    assert_close(ours, ref)
+
+
+def test_averaged_holds_the_mean_and_gives_each_replica_its_own_back():
+    workers, before = run_virtual(2, 3, {"H": 4, "T": 0}, spe=4)
+    stacked, model = workers.module, make_model(0)
+    with workers.averaged():
+        inside = unstack_state_dict(stacked, model, 1)
+    after = [unstack_state_dict(stacked, model, r) for r in range(2)]
+    torch.testing.assert_close(inside["fc.weight"], (before[0]["fc.weight"] + before[1]["fc.weight"]) / 2)
+    assert all(torch.equal(before[r]["fc.weight"], after[r]["fc.weight"]) for r in range(2))
+
+
+def test_refusals():
+    with pytest.raises(ConfigError, match="local_sgd.K = 3 but the data-parallel world size is 2"):
+        VirtualWorkers(
+            stack_replicas(make_model(0), 2),
+            LocalSGDConfig.from_dict({"H": 2, "T": 0, "K": 3}),
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+            steps_per_epoch=2,
+        )
+    with pytest.raises(ConfigError, match="ties parameters"):
+        stack_replicas(make_model(0, "tied"), 2)
