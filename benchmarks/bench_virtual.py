@@ -1,0 +1,192 @@
+"""How fast are K virtual workers? A local step of K stacked replicas against its physical limit.
+
+The limit is one model stepped at batch K x B: the same arithmetic in the fewest kernel calls. The
+naive alternative is K replicas stepped one after another at batch B. The three sides run in interleaved
+rounds (A B C A B C ...) in one process, so load changes hit all of them alike; the report gives the
+median and the spread of each ratio. Memory: the bytes of parameters, gradients and momentum per replica
+(exact), and the activation bytes autograd saves per image (measured with saved-tensor hooks), which
+give the largest K that fits a device of a given size::
+
+    python benchmarks/bench_virtual.py                          # ResNet-8 and ResNet-18, K = 16, CPU
+    python benchmarks/bench_virtual.py --device cuda --models resnet50 --image-size 224 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet50
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from localsgd_ds.models import ResNet8  # noqa: E402
+from localsgd_ds.stacked import stack_replicas  # noqa: E402
+
+MODELS = {
+    "resnet8": lambda: ResNet8(num_classes=10),
+    "resnet18": lambda: resnet18(num_classes=10),
+    "resnet50": lambda: resnet50(num_classes=1000),
+}
+
+
+def sgd(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
+    """Three closures, each doing one local training step of K workers' worth of images."""
+    torch.manual_seed(0)
+    base = MODELS[name]().to(device)
+    classes = base.fc.out_features
+    images = torch.randn(K, B, 3, size, size, device=device)
+    labels = torch.randint(0, classes, (K, B), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    stacked = stack_replicas(base, K).to(device)
+    opt_stacked = sgd(stacked.parameters())
+
+    def virtual() -> None:
+        logits = stacked(images)
+        loss = sum(loss_fn(logits[k], labels[k]) for k in range(K))
+        opt_stacked.zero_grad(set_to_none=False)
+        loss.backward()
+        opt_stacked.step()
+
+    big = copy.deepcopy(base)
+    opt_big = sgd(big.parameters())
+    flat_images, flat_labels = images.flatten(0, 1), labels.flatten()
+
+    def one_model() -> None:
+        loss = loss_fn(big(flat_images), flat_labels)
+        opt_big.zero_grad(set_to_none=False)
+        loss.backward()
+        opt_big.step()
+
+    replicas = [copy.deepcopy(base) for _ in range(K)]
+    opts = [sgd(m.parameters()) for m in replicas]
+
+    def sequential() -> None:
+        for k, (m, o) in enumerate(zip(replicas, opts)):
+            loss = loss_fn(m(images[k]), labels[k])
+            o.zero_grad(set_to_none=False)
+            loss.backward()
+            o.step()
+
+    return {"virtual": virtual, "one_model": one_model, "sequential": sequential}, base, stacked
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_sides(sides: dict, rounds: int, device: torch.device) -> dict[str, list[float]]:
+    for fn in sides.values():  # warm-up: allocator, oneDNN / cuDNN kernel choice
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def activation_bytes_per_image(model: nn.Module, size: int, device: torch.device) -> int:
+    """Bytes autograd keeps for the backward pass of one training image (saved tensors, deduplicated)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model = copy.deepcopy(model).train()
+    x = torch.randn(2, 3, size, size, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params) // 2
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    ratios = sorted(a / b for a, b in zip(num, den))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "n": len(ratios)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet8", "resnet18"], choices=sorted(MODELS))
+    parser.add_argument("--K", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="images per worker per step (B)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device-gb", type=float, default=80.0, help="device memory for the largest-K answer"
+    )
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(
+        f"# K = {args.K} workers x B = {args.batch} images of {args.image_size} px, {args.device}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n"
+    )
+    print("| model | virtual step (ms) | one model at K x B (ms) | K one after another (ms) "
+          "| virtual / one model | virtual / one after another |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    results = {}
+    for name in args.models:
+        sides, base, stacked = make_sides(name, args.K, args.batch, args.image_size, device)
+        times = time_sides(sides, args.rounds, device)
+        vs_one = ratio_stats(times["virtual"], times["one_model"])
+        vs_seq = ratio_stats(times["virtual"], times["sequential"])
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(
+            f"| {name} | {med['virtual']:.1f} | {med['one_model']:.1f} | {med['sequential']:.1f} "
+            f"| {vs_one['median']:.3f} [{vs_one['min']:.3f}-{vs_one['max']:.3f}] "
+            f"| {vs_seq['median']:.3f} [{vs_seq['min']:.3f}-{vs_seq['max']:.3f}] |"
+        )
+        one = sum(p.numel() * p.element_size() for p in base.parameters())
+        stacked_bytes = sum(p.numel() * p.element_size() for p in stacked.parameters())
+        results[name] = {"times_s": times, "virtual_over_one_model": vs_one, "virtual_over_sequential": vs_seq,
+                         "param_bytes_per_replica": one, "stacked_param_bytes": stacked_bytes}  # fmt: skip
+        del sides, stacked
+    print("\n## Memory (fp32, SGD with momentum)\n")
+    print("| model | state per replica (MB): weights + gradients + momentum | stacked / K x one model "
+          "| activations per image (MB) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: |")
+    for name in args.models:
+        r = results[name]
+        per_image = activation_bytes_per_image(MODELS[name]().to(device), args.image_size, device)
+        r["activation_bytes_per_image"] = per_image
+        print(
+            f"| {name} | {3 * r['param_bytes_per_replica'] / 1e6:.1f} "
+            f"| {r['stacked_param_bytes'] / (args.K * r['param_bytes_per_replica']):.3f} | {per_image / 1e6:.2f} |"
+        )
+    for name in args.models:
+        r = results[name]
+        per_replica = 3 * r["param_bytes_per_replica"] + args.batch * r["activation_bytes_per_image"]
+        k_max = int(args.device_gb * 1e9 // per_replica)
+        r["largest_K"] = k_max
+        print(
+            f"\n{name}: one replica needs {per_replica / 1e9:.2f} GB at B = {args.batch}, "
+            f"{args.image_size} px (state + saved activations); {args.device_gb:g} GB holds K <= {k_max} "
+            "(before the allocator's overhead and the workspace of the convolutions)"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
