@@ -71,12 +71,8 @@ def train(config: Path, shards: Path, run_dir: Path, log_path: Path, bar: tqdm) 
     ]  # fmt: skip
     if shutil.which("deepspeed") is None:  # the same launcher, through this interpreter
         command[:1] = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    # One thread per worker: 2 workers on 2 cores. The package need not be installed.
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
+    # The package need not be installed. Each worker takes its share of the cores (the recipe does that).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     bar.set_description(f"launching {WORKERS} CPU workers (the first run compiles a DeepSpeed op, ~40 s)")
     with open(log_path, "w") as log:
         log.write(" ".join(command) + "\n")

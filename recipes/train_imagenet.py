@@ -50,7 +50,7 @@ from run_log import EpochMeter, EpochRecord, RunLog
 from train_config import RunConfig
 
 import localsgd_ds
-from localsgd_ds import data
+from localsgd_ds import data, runtime
 from localsgd_ds.config import ConfigError
 from localsgd_ds.models import build_model
 from localsgd_ds.schedules import EpochLRScheduler
@@ -81,10 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = runtime.set_cpu_threads()  # this rank's share of the cores, before any heavy work
     deepspeed.init_distributed()  # NCCL on GPUs, gloo on CPU; rank and world size from the launcher
     rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(name)s: %(message)s")
+    print_rank0(str(threads))
     run = RunConfig.from_dict(json.loads(Path(args.deepspeed_config).read_text()), world_size=world_size)
     cfg, B = run.train, run.batch.micro_batch
     ckpt_dir = args.output_dir / "checkpoints"

@@ -70,7 +70,8 @@ def free_port() -> int:
 
 def launch(script: Path, config: Path, data: str, out: Path, *extra: str, timeout: float = 300):
     """``deepspeed --num_gpus 2 script ...`` in its own process group; waits for every process in it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("OMP_NUM_THREADS", None)  # the recipe gives each rank its share of the cores
     launcher = (
         ["deepspeed"] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
     )
@@ -146,6 +147,9 @@ def test_end_to_end_run_logs_checkpoints_and_switches_phase(reference):
     out, log = reference
     lines = [line for line in log.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], log[-4000:]
+    # Each rank took its share of the cores.
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"{threads} CPU thread{'s' if threads > 1 else ''} per rank: " in log
     assert "resnet8 postlocal+slowmo H=2 K=2 T=1" in log and f"{STEPS_PER_EPOCH} steps/epoch" in log
 
     # The hook acted: gradient all-reduce every step before T, none after; a sync every H local steps.

@@ -1,0 +1,108 @@
+"""A rank's process setup (localsgd_ds.runtime): its share of the CPU cores, decided by a pure function and
+checked in ranks started by the real ``deepspeed`` launcher."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localsgd_ds import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("cores", "ranks", "omp", "bound", "threads", "reason"),
+    [
+        (2, 2, None, False, 1, "2 cores / 2 local ranks"),  # the CPU quickstart: one thread each
+        (16, 2, None, False, 8, "16 cores / 2 local ranks"),
+        (3, 2, None, False, 1, "3 cores / 2 local ranks"),  # rounds down: never more threads than cores
+        (2, 8, None, False, 1, "2 cores / 8 local ranks"),  # at least one
+        (4, 1, None, False, 4, "4 cores / 1 local rank"),
+        (4, 0, None, False, 4, "4 cores / 1 local rank"),
+        (16, 2, "3", False, 3, "OMP_NUM_THREADS=3"),  # the user's setting wins
+        (16, 2, "3", True, 3, "OMP_NUM_THREADS=3"),
+        (16, 2, "", False, 8, "16 cores / 2 local ranks"),  # empty: unset
+        (16, 2, "0", False, 8, "OMP_NUM_THREADS='0' is not a whole number >= 1, ignored; 16 cores / 2"),
+        (16, 2, "four", False, 8, "OMP_NUM_THREADS='four' is not a whole number >= 1, ignored"),
+        (4, 2, None, True, 4, "the launcher bound this rank to 4 cores"),  # its own cores already
+        (1, 2, None, True, 1, "the launcher bound this rank to 1 core"),
+    ],
+)
+def test_choose_cpu_threads(cores, ranks, omp, bound, threads, reason):
+    choice = runtime.choose_cpu_threads(
+        available_cores=cores, local_ranks=ranks, omp_num_threads=omp, bound=bound
+    )
+    assert choice.threads == threads
+    assert choice.reason.startswith(reason), choice.reason
+
+
+def test_local_ranks_from_the_launchers_variables():
+    assert runtime.local_ranks({}) == 1
+    assert runtime.local_ranks({"LOCAL_SIZE": "4"}) == 4  # deepspeed
+    assert runtime.local_ranks({"LOCAL_WORLD_SIZE": "8"}) == 8  # torchrun
+    assert runtime.local_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 2  # mpirun
+    assert runtime.local_ranks({"LOCAL_SIZE": "", "LOCAL_WORLD_SIZE": "3"}) == 3
+
+
+RANK_SCRIPT = """
+import os, sys, torch
+from localsgd_ds import runtime
+choice = runtime.set_cpu_threads()
+print(f"rank {os.environ.get('RANK', '-')} threads {torch.get_num_threads()} cores "
+      f"{len(os.sched_getaffinity(0))} | {choice}", flush=True)
+"""
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", *runtime.LOCAL_SIZE_VARIABLES)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _thread_lines(output: str) -> list[str]:
+    return sorted(line for line in output.splitlines() if line.startswith("rank ") and " threads " in line)
+
+
+@pytest.mark.slow
+def test_ranks_started_by_the_deepspeed_launcher_get_their_share(tmp_path):
+    """2 ranks of the real launcher, no OMP_NUM_THREADS: each runs torch with cores // 2 threads."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    launcher = (
+        ["deepspeed"] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    )
+    command = [*launcher, "--num_gpus", "2", "--master_port", str(runtime.free_port()), str(script)]
+    done = subprocess.run(command, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    cores = len(os.sched_getaffinity(0))
+    share = max(1, cores // 2)
+    lines = _thread_lines(done.stdout + done.stderr)
+    assert lines == [
+        f"rank {r} threads {share} cores {cores} | {share} CPU thread{'s' if share > 1 else ''} per rank: "
+        f"{cores} core{'s' if cores > 1 else ''} / 2 local ranks"
+        for r in (0, 1)
+    ], done.stdout[-4000:]
+
+
+def test_a_rank_bound_to_its_own_cores_keeps_them():
+    """A launcher that pinned the rank (here taskset, as numactl does for --bind_cores_to_rank) decides."""
+    cores = os.sched_getaffinity(0)
+    core = min(cores)
+    env = dict(_clean_env(), LOCAL_SIZE="4")  # 4 ranks, but this one has a core of its own
+    done = subprocess.run(
+        ["taskset", "-c", str(core), sys.executable, "-c", RANK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    # On a one-core machine taskset narrows nothing: there is no binding to see, only the share.
+    reason = "the launcher bound this rank to 1 core" if len(cores) > 1 else "1 core / 4 local ranks"
+    assert _thread_lines(done.stdout) == [f"rank - threads 1 cores 1 | 1 CPU thread per rank: {reason}"]
