@@ -1,4 +1,4 @@
-"""Process setup for a training rank: its share of the CPU cores, and a free port for local launches.
+"""Process setup for a training rank: its share of the CPU cores, collectives that fail in time, a clean end.
 
 A launcher starts several ranks on one machine, and torch gives every process one intra-op thread per
 core it may run on: 2 CPU ranks on 2 cores run 4 OpenMP threads that spin-wait for each other (the CPU
@@ -10,14 +10,30 @@ cores (``deepspeed --bind_cores_to_rank``, ``srun --cpu-bind``, ``numactl``), wi
 
     choice = runtime.set_cpu_threads()       # first thing in a rank's main()
     print(choice)                            # "1 CPU thread per rank: 2 cores / 2 local ranks"
+
+Collectives wait at most ``--collective-timeout`` seconds (``LOCALSGD_COLLECTIVE_TIMEOUT``; default 300)
+for the other ranks, on every process group, DeepSpeed's own included; ``waiting_for`` turns a timeout
+into an error that names the rank and what it waited for, instead of a silent stall. ``shutdown`` ends a
+rank cleanly: without ``destroy_process_group`` gloo's threads are torn down during interpreter exit,
+which aborts the process now and then ("terminate called without an active exception")::
+
+    runtime.init_distributed(timeout_s=runtime.collective_timeout_s(args.collective_timeout))
+    with runtime.waiting_for("the evaluation after epoch 3"):
+        top1, top5 = evaluate(...)               # a collective inside
+    runtime.shutdown()                           # after the last collective, on every rank
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
+import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 LOCAL_SIZE_VARIABLES = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 """Where launchers put the number of ranks on this machine: deepspeed, torchrun, Open MPI's mpirun."""
@@ -102,3 +118,110 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# -- collectives: a timeout the user sets, errors that say who waited for what, a clean end ------------------
+
+COLLECTIVE_TIMEOUT_VARIABLE = "LOCALSGD_COLLECTIVE_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+"""Long enough for the slowest legitimate wait between two collectives of a healthy run (a checkpoint
+written to a slow shared file system, the first batch from object storage); raise it if those take longer."""
+
+_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective failed because another rank did not come (timeout) or went away (crash, kill)."""
+
+
+def collective_timeout_s(value: float | None = None, environ: Mapping[str, str] = os.environ) -> float:
+    """Seconds a collective waits for the other ranks: ``value`` (the command line), else the environment's
+    ``LOCALSGD_COLLECTIVE_TIMEOUT``, else 300."""
+    where = "--collective-timeout"
+    if value is None and environ.get(COLLECTIVE_TIMEOUT_VARIABLE, "").strip():
+        where, value = COLLECTIVE_TIMEOUT_VARIABLE, environ[COLLECTIVE_TIMEOUT_VARIABLE]
+    if value is None:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{where} must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def init_distributed(timeout_s: float) -> None:
+    """``deepspeed.init_distributed`` with a collective timeout that holds for every process group."""
+    import deepspeed
+    from torch.distributed import distributed_c10d
+
+    global _timeout_s
+    _timeout_s = timeout_s
+    timeout = timedelta(seconds=timeout_s)
+    # A deliberate reach into torch: DeepSpeed builds its own groups (the clone of the world group its
+    # gradient all-reduce runs on) with new_group()'s default timeout, 30 min for gloo, not the one
+    # init_distributed gets. Making that default ours puts every group on the same timeout.
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)  # NCCL on GPUs, gloo on CPU; rank, world from the launcher
+    # `kill -USR1 <pid>` prints where every thread of a rank is: how to find what a stalled rank waits for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _peer_failure(exc: BaseException) -> str | None:
+    """ "timeout" or "gone" if ``exc`` is a collective that another rank did not complete, else None."""
+    text = str(exc)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return "timeout"
+    if "Connection closed by peer" in text or "Connection reset by peer" in text or "Broken pipe" in text:
+        return "gone"
+    return None
+
+
+def _rank() -> str:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
+    return f"rank {os.environ.get('RANK', '?')}"
+
+
+@contextlib.contextmanager
+def waiting_for(what: str | Callable[[], str]) -> Iterator[None]:
+    """Turn a collective that another rank never completes into a ``CollectiveTimeout`` naming this rank
+    and ``what`` it waited for (a string, or a function giving it at the time of the failure)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        failure = _peer_failure(exc)
+        if failure is None or isinstance(exc, CollectiveTimeout):
+            raise
+        doing = what() if callable(what) else what
+        if failure == "timeout":
+            message = (
+                f"{_rank()} waited {_timeout_s:g} s for the other ranks in {doing} and gave up "
+                f"(--collective-timeout, {COLLECTIVE_TIMEOUT_VARIABLE}): a rank stopped before it. That "
+                f"rank's log says why; `kill -USR1 <pid>` prints where a rank that is still running waits"
+            )
+        else:
+            message = (
+                f"{_rank()}: another rank went away during {doing} (it crashed or was killed: see its log)"
+            )
+        raise CollectiveTimeout(f"{message}\n  ({type(exc).__name__}: {exc})") from exc
+
+
+def shutdown() -> None:
+    """End this rank cleanly, after its last collective: destroy the process groups (gloo's threads must
+    not be torn down during interpreter exit, which aborts the process now and then) and remove the
+    shared-memory workspace DeepSpeed's CPU accelerator maps for ranks of one machine (69 MB, never freed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        # Named by DeepSpeed's shm.cpp: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>.
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if addr and port:
+            workspace = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+            workspace.unlink(missing_ok=True)

@@ -6,7 +6,9 @@ block, warmup and LR schedule; see ``ds_configs/README.md``); the command line o
 and the outputs are. Each epoch trains the same number of steps on every worker, evaluates top-1/top-5 of
 the global average on the whole validation set, prints one line, logs to TensorBoard and checkpoints.
 SIGTERM (or Ctrl-C) checkpoints and stops; ``--resume`` continues to the same weights an uninterrupted
-run reaches::
+run reaches. Each rank computes with its share of the machine's cores (``OMP_NUM_THREADS`` overrides),
+and a rank that waits more than ``--collective-timeout`` seconds (default 300) for the others in a
+collective fails with a message that names it and what it waited for::
 
     # 8 GPUs on one machine (K = 8); on a machine without GPUs the same command starts 8 CPU workers
     deepspeed --num_gpus 8 recipes/train_imagenet.py --deepspeed_config ds_configs/<file>.json \\
@@ -75,6 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="resume even if H, K, T or the epoch length changed",
     )
+    parser.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a rank waits for the others in a collective before it fails with a message naming "
+        f"itself and what it waited for (default: ${runtime.COLLECTIVE_TIMEOUT_VARIABLE}, "
+        f"else {runtime.DEFAULT_COLLECTIVE_TIMEOUT_S:g})",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_args(argv)
 
@@ -82,7 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = runtime.set_cpu_threads()  # this rank's share of the cores, before any heavy work
-    deepspeed.init_distributed()  # NCCL on GPUs, gloo on CPU; rank and world size from the launcher
+    runtime.init_distributed(timeout_s=runtime.collective_timeout_s(args.collective_timeout))
+    code = train(args, threads)
+    # Every rank got here together (a barrier, or the agreed stop): end without waiting on anyone. A rank
+    # that raised skips this (destroying groups the others still wait in can hang) and exits non-zero.
+    runtime.shutdown()
+    return code
+
+
+def train(args: argparse.Namespace, threads: runtime.ThreadChoice) -> int:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(name)s: %(message)s")
@@ -107,16 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # Model, optimizer (DeepSpeed's, from the JSON), LR schedule, and the local SGD hook.
-    engine, lr_scheduler, channels_last = build_engine(run, num_classes, steps_per_epoch)
-    local_sgd = localsgd_ds.attach(
-        engine, steps_per_epoch=steps_per_epoch, allow_config_change=args.allow_config_change
-    )
-    stop = StopSignal()
-    progress = Progress()
-    if args.resume and resume_tag is not None:
-        progress = resume(engine, lr_scheduler, ckpt_dir, resume_tag)
-    elif args.resume:
-        print_rank0(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    with runtime.waiting_for("the start (engine, hook, resume)"):
+        engine, lr_scheduler, channels_last = build_engine(run, num_classes, steps_per_epoch)
+        local_sgd = localsgd_ds.attach(
+            engine, steps_per_epoch=steps_per_epoch, allow_config_change=args.allow_config_change
+        )
+        stop = StopSignal()
+        progress = Progress()
+        if args.resume and resume_tag is not None:
+            progress = resume(engine, lr_scheduler, ckpt_dir, resume_tag)
+        elif args.resume:
+            print_rank0(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
 
     # The resolved config, TensorBoard and the per-epoch lines (rank 0).
     resolved = {**run.resolved(), "train": {**run.resolved()["train"], "num_classes": num_classes}}
@@ -135,15 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     log.print(describe(run, steps_per_epoch, num_classes, local_sgd.step))
 
     def checkpoint(next_epoch: int, meter: EpochMeter | None) -> str:
-        client_state = {
-            "epoch": next_epoch,  # with meters: that epoch is under way, resume it after meter.batches
-            "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
-            "minutes": progress.minutes(),
-            "ranks": gather_rank_states(meter),  # rank 0 writes client_state: every rank's meter and RNG
-        }
-        return save_checkpoint(
-            engine, ckpt_dir, step=local_sgd.step, client_state=client_state, keep_last=cfg.keep_last
-        )
+        with runtime.waiting_for(f"the checkpoint at step {local_sgd.step}"):
+            client_state = {
+                "epoch": next_epoch,  # with meters: that epoch is under way, resume it after meter.batches
+                "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+                "minutes": progress.minutes(),
+                "ranks": gather_rank_states(meter),  # rank 0 writes client_state: every rank's meter, RNG
+            }
+            return save_checkpoint(
+                engine, ckpt_dir, step=local_sgd.step, client_state=client_state, keep_last=cfg.keep_last
+            )
 
     def stopped(where: str, tag: str) -> int:
         log.print(f"stopped by {stop.name} {where}: checkpoint {ckpt_dir / tag}; rerun with --resume")
@@ -161,32 +182,45 @@ def main(argv: list[str] | None = None) -> int:
             crop_scale=cfg.crop_scale, hflip=cfg.hflip,
         )  # fmt: skip
         batches = steps_per_epoch * run.batch.grad_accum
-        if train_one_epoch(
-            engine, local_sgd, loader, criterion, meter, log, stop, batches, channels_last, cfg
+        with runtime.waiting_for(
+            lambda epoch=epoch: (
+                f"step {local_sgd.step + 1} (epoch {epoch + 1}): gradient all-reduce, sync or stop check"
+            )
         ):
+            stopping = train_one_epoch(
+                engine, local_sgd, loader, criterion, meter, log, stop, batches, channels_last, cfg
+            )
+        if stopping:
             return stopped(f"at step {local_sgd.step}", checkpoint(epoch, meter))
 
         # Evaluate the global average of the workers' models on the whole validation set.
         eval_start = time.perf_counter()
-        with local_sgd.averaged(reason="evaluation"):
-            top1, top5 = evaluate(engine, run, args.data, channels_last)
-        eval_s = time.perf_counter() - eval_start
-        log.epoch(epoch_record(epoch, meter, local_sgd, run, engine, top1, top5, eval_s, progress.minutes()))
+        with runtime.waiting_for(f"the evaluation after epoch {epoch + 1}"):
+            with local_sgd.averaged(reason="evaluation"):
+                top1, top5 = evaluate(engine, run, args.data, channels_last)
+            eval_s = time.perf_counter() - eval_start
+            record = epoch_record(
+                epoch, meter, local_sgd, run, engine, top1, top5, eval_s, progress.minutes()
+            )
+        log.epoch(record)
 
         # Checkpoint (the hook adds each worker's local state), then obey a signal that arrived meanwhile.
         tag = checkpoint(epoch + 1, None)
-        if stop.agreed():
+        with runtime.waiting_for(f"the stop check after epoch {epoch + 1}"):
+            stopping = stop.agreed()
+        if stopping:
             return stopped(f"after epoch {epoch + 1}", tag)
 
     # The final model is the global average (forced if the last sync is not current; the hook logs it).
-    with local_sgd.averaged(reason="the final model"):
-        if rank == 0:
-            torch.save(engine.module.state_dict(), args.output_dir / "final_model.pt")
-    log.print(
-        f"done: {cfg.epochs} epochs in {progress.minutes():.1f} min; tensorboard --logdir {args.output_dir}"
-    )
-    log.close(finished=True)
-    dist.barrier()
+    with runtime.waiting_for("the final average and the closing barrier"):
+        with local_sgd.averaged(reason="the final model"):
+            if rank == 0:
+                torch.save(engine.module.state_dict(), args.output_dir / "final_model.pt")
+        log.print(
+            f"done: {cfg.epochs} epochs in {progress.minutes():.1f} min; tensorboard --logdir {args.output_dir}"
+        )
+        log.close(finished=True)
+        dist.barrier()
     return 0
 
 
@@ -249,13 +283,17 @@ def evaluate(engine, run: RunConfig, location: str, channels_last: bool) -> tupl
         num_workers=cfg.num_workers,
     )
     counts = torch.zeros(3, dtype=torch.float64, device=engine.device)  # top-1 hits, top-5 hits, images
-    for images, labels in loader:
-        images, labels = to_device(images, labels, engine.device, channels_last)
-        logits = engine(images)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        counts[0] += hits[:, 0].sum()
-        counts[1] += hits.any(dim=1).sum()
-        counts[2] += labels.numel()
+    batches = iter(loader)
+    try:
+        for images, labels in batches:
+            images, labels = to_device(images, labels, engine.device, channels_last)
+            logits = engine(images)
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+            counts[0] += hits[:, 0].sum()
+            counts[1] += hits.any(dim=1).sum()
+            counts[2] += labels.numel()
+    finally:
+        batches.close()  # the loader's thread and worker processes end here, also after an error
     dist.all_reduce(counts)
     top1, top5, total = counts.tolist()
     return 100.0 * top1 / total, 100.0 * top5 / total

@@ -61,6 +61,28 @@ data.train_loader = train_loader
 sys.exit(train_imagenet.main())
 """
 
+# Rank 1 never gets its validation batches (as with a deadlocked loader worker): rank 0 must not wait for
+# it for long in the all-reduce of the validation counts.
+HANGER = """
+import sys, time
+sys.path.insert(0, {recipes!r})
+import train_imagenet
+from localsgd_ds import data
+
+original = data.val_loader
+
+
+def val_loader(*args, **kwargs):
+    if kwargs["rank"] == 1:
+        print("rank 1: stuck before its first validation batch", flush=True)
+        time.sleep(3600)
+    return original(*args, **kwargs)
+
+
+data.val_loader = val_loader
+sys.exit(train_imagenet.main())
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -147,9 +169,10 @@ def test_end_to_end_run_logs_checkpoints_and_switches_phase(reference):
     out, log = reference
     lines = [line for line in log.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], log[-4000:]
-    # Each rank took its share of the cores.
+    # Each rank took its share of the cores, and ended cleanly.
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert f"{threads} CPU thread{'s' if threads > 1 else ''} per rank: " in log
+    assert log.count("exits successfully") == 2 and "terminate called" not in log, log[-4000:]
     assert "resnet8 postlocal+slowmo H=2 K=2 T=1" in log and f"{STEPS_PER_EPOCH} steps/epoch" in log
 
     # The hook acted: gradient all-reduce every step before T, none after; a sync every H local steps.
@@ -238,6 +261,22 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(reference, s
     assert [e.value for e in events(out).Scalars("train/loss")] == [
         e.value for e in events(ref_out).Scalars("train/loss")
     ]
+
+
+def test_a_rank_stuck_before_evaluation_fails_the_run_in_time_naming_the_wait(shards, config, tmp_path):
+    hanger = tmp_path / "hanger.py"
+    hanger.write_text(HANGER.format(recipes=str(RECIPES)))
+    start = time.monotonic()
+    returncode, log = launch(hanger, config, shards, tmp_path / "run", "--collective-timeout", "5")
+    elapsed = time.monotonic() - start
+    assert returncode != 0 and "rank 1: stuck before its first validation batch" in log, log[-6000:]
+    assert (
+        "CollectiveTimeout: rank 0 of 2 waited 5 s for the other ranks in the evaluation after epoch 1 "
+        "and gave up (--collective-timeout, LOCALSGD_COLLECTIVE_TIMEOUT)" in log
+    ), log[-6000:]
+    # Start, one epoch, the 5 s wait, and the launcher's 30 s between SIGTERM and SIGKILL for the stuck
+    # rank (it treats SIGTERM as "checkpoint at the next step", which it never reaches): not 600 s.
+    assert elapsed < 150, elapsed
 
 
 def test_deepspeed_scheduler_section_drives_the_lr(shards, tmp_path):

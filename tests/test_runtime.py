@@ -106,3 +106,98 @@ def test_a_rank_bound_to_its_own_cores_keeps_them():
     # On a one-core machine taskset narrows nothing: there is no binding to see, only the share.
     reason = "the launcher bound this rank to 1 core" if len(cores) > 1 else "1 core / 4 local ranks"
     assert _thread_lines(done.stdout) == [f"rank - threads 1 cores 1 | 1 CPU thread per rank: {reason}"]
+
+
+# -- collectives: the timeout holds on every group, and the error names the rank and what it waited for ----
+
+
+@pytest.mark.parametrize(
+    ("value", "environ", "seconds"),
+    [
+        (None, {}, runtime.DEFAULT_COLLECTIVE_TIMEOUT_S),
+        (None, {"LOCALSGD_COLLECTIVE_TIMEOUT": "45"}, 45.0),
+        (None, {"LOCALSGD_COLLECTIVE_TIMEOUT": " "}, runtime.DEFAULT_COLLECTIVE_TIMEOUT_S),
+        (12.5, {"LOCALSGD_COLLECTIVE_TIMEOUT": "45"}, 12.5),  # the command line wins
+    ],
+)
+def test_collective_timeout_from_the_flag_the_environment_or_the_default(value, environ, seconds):
+    assert runtime.collective_timeout_s(value, environ) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "environ", "message"),
+    [
+        (0, {}, "--collective-timeout must be a number of seconds > 0, got 0"),
+        (-5.0, {}, "--collective-timeout"),
+        (float("inf"), {}, "--collective-timeout"),
+        (None, {"LOCALSGD_COLLECTIVE_TIMEOUT": "ten"}, "LOCALSGD_COLLECTIVE_TIMEOUT must be .* got 'ten'"),
+        (None, {"LOCALSGD_COLLECTIVE_TIMEOUT": "nan"}, "LOCALSGD_COLLECTIVE_TIMEOUT"),
+    ],
+)
+def test_bad_collective_timeouts_are_refused(value, environ, message):
+    with pytest.raises(ValueError, match=message):
+        runtime.collective_timeout_s(value, environ)
+
+
+def test_waiting_for_leaves_other_errors_alone():
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        with runtime.waiting_for("a step"):
+            raise RuntimeError("shape mismatch")
+
+
+LATE_RANK = """
+import os, sys, time
+import torch, torch.distributed as dist
+from deepspeed.utils import groups
+from localsgd_ds import runtime
+
+runtime.init_distributed(timeout_s=3)
+rank, name = dist.get_rank(), sys.argv[1]
+workspace = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{os.environ['MASTER_PORT']}_{rank}"
+print(f"rank {rank}: workspace mapped: {os.path.exists(workspace)}", flush=True)
+# DeepSpeed's clone of the world (its gradient all-reduce runs there) is created without a timeout.
+group = {"world": None, "side": dist.new_group(backend="gloo"), "deepspeed": groups._clone_world_group()}[name]
+x = torch.ones(1)
+dist.all_reduce(x, group=group)  # both ranks are here: fine
+if rank == 1:
+    time.sleep(6)  # rank 1 is late by twice the timeout
+start = time.monotonic()
+try:
+    with runtime.waiting_for(f"the {name} all-reduce"):
+        dist.all_reduce(x, group=group)
+    print(f"rank {rank}: no error", flush=True)
+except runtime.CollectiveTimeout as exc:
+    print(f"rank {rank}: after {time.monotonic() - start:.0f} s: {str(exc).splitlines()[0]}", flush=True)
+runtime.shutdown()
+print(f"rank {rank}: workspace after shutdown: {os.path.exists(workspace)}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["world", "side", "deepspeed"])
+def test_a_late_rank_makes_the_other_fail_in_time_naming_itself_and_the_wait(tmp_path, group):
+    """Rank 1 comes to an all-reduce 6 s late; the timeout is 3 s on the world group, a group made with
+    new_group() and DeepSpeed's own group alike."""
+    from distributed import run_ranks
+
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK)
+    outputs = run_ranks([str(script), group], 2, timeout=120)
+    lines = [
+        [line for line in out.splitlines() if line.startswith(f"rank {r}:")] for r, out in enumerate(outputs)
+    ]
+    # Rank 0 waits 3 s (not gloo's 30 min default of new_group), then says who it is and what it waited for.
+    assert lines[0] == [
+        "rank 0: workspace mapped: True",
+        f"rank 0: after 3 s: rank 0 of 2 waited 3 s for the other ranks in the {group} all-reduce and gave up "
+        "(--collective-timeout, LOCALSGD_COLLECTIVE_TIMEOUT): a rank stopped before it. That rank's log says "
+        "why; `kill -USR1 <pid>` prints where a rank that is still running waits",
+        "rank 0: workspace after shutdown: False",  # DeepSpeed's /dev/shm workspace is gone too
+    ], outputs[0][-3000:]
+    # Rank 1 comes late and finds rank 0 gone from the collective: it says so at once.
+    assert lines[1] == [
+        "rank 1: workspace mapped: True",
+        f"rank 1: after 0 s: rank 1 of 2: another rank went away during the {group} all-reduce (it crashed "
+        "or was killed: see its log)",
+        "rank 1: workspace after shutdown: False",
+    ], outputs[1][-3000:]
