@@ -13,15 +13,21 @@ replicas replaces the all-reduce, and ``stats`` count what K real workers would 
     optimizer = torch.optim.SGD(stacked.parameters(), lr=0.1, momentum=0.9)
     workers = VirtualWorkers(stacked, LocalSGDConfig.from_dict({"H": 8, "T": 0}), optimizer, steps_per_epoch=100)
     for images, labels in batches:                  # [K, B, C, H, W], [K, B]: replica r's batch at r
-        logits = workers.forward(images)
-        workers.backward(criterion(logits.flatten(0, 1), labels.flatten()) * K)   # each replica's own mean
+        logits = workers(images)                                     # [K, B, classes]
+        workers.backward(criterion(logits.flatten(0, 1), labels.flatten()))   # the mean over all K x B
         workers.step()
+
+``VirtualWorkers`` is also what the recipe uses in place of the DeepSpeed engine (``--virtual K``): it
+answers the engine's calls (``backward``, ``step``, ``save_checkpoint``, ...) and ``workers.hook`` answers
+the hook's (``step``, ``stats``, ``averaged()``, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,13 +118,62 @@ class VirtualWorkers:
 
     # -- training -------------------------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` ``[K, B, ...]`` (replica r's batch at r) -> outputs ``[K * B, ...]``, replica-major, so
+        that a loss or an accuracy over all K x B samples reads as it does for one real worker's batch."""
+        return self.module(images).flatten(0, 1)
+
+    # -- what the recipe asks of a DeepSpeed engine ------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._params[0].device
+
+    @property
+    def hook(self) -> _HookView:
+        """The hook's face of these workers: ``step`` (the counter), ``stats``, ``config``, ``averaged()``..."""
+        return _HookView(self)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.gas
+
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: Mapping[str, Any] | None = None, **_: Any
+    ) -> None:
+        """All K replicas' weights, buffers and optimizer state, the schedule's state and ``client_state``,
+        in one file under ``save_dir/tag`` (written under a temporary name, then renamed)."""
+        path = Path(save_dir) / str(tag) / "virtual_workers.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "local_sgd": self.state_dict(),
+            "client_state": dict(client_state or {}),
+        }
+        torch.save(state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> tuple[str | None, dict[str, Any]]:
+        path = Path(load_dir) / str(tag) / "virtual_workers.pt"
+        if not path.exists():
+            return None, {}
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_state_dict(state["local_sgd"])
+        return str(path), state["client_state"]
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss`` is the sum over replicas of each replica's mean loss (so each replica's gradient is that
-        of its own mean loss, as on a real worker); scaled by 1 / gradient_accumulation_steps like DeepSpeed."""
-        (loss / self.gas).backward()
+        """``loss`` is the mean over the K replicas of each replica's mean loss (the mean over all K x B
+        samples): each replica gets the gradient of its own mean loss, as a real worker does. Scaled by
+        1 / gradient_accumulation_steps, as DeepSpeed scales it."""
+        (loss * (self.K / self.gas)).backward()
         self._micro += 1
 
     @torch.no_grad()
@@ -235,6 +290,7 @@ class VirtualWorkers:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters and SlowMo buffers (``state_dict``'s), refusing another K."""
         if state["K"] != self.K:
             raise ConfigError(f"checkpoint was made with {state['K']} virtual workers, this run has {self.K}")
         self.global_steps = int(state["step"])
@@ -242,3 +298,63 @@ class VirtualWorkers:
         self._last_lrs = state["last_lrs"]
         self.stats = CommStats(**state["stats"])
         self._slow_anchor, self._slow_momentum = state["slowmo_anchor"], state["slowmo_momentum"]
+
+
+class _HookView:
+    """``VirtualWorkers`` seen as the hook (``LocalSGD``): the recipe reads the same attributes of both."""
+
+    def __init__(self, workers: VirtualWorkers) -> None:
+        self._workers = workers
+
+    @property
+    def step(self) -> int:
+        return self._workers.global_steps
+
+    def __getattr__(self, name: str) -> Any:  # config, stats, in_local_phase, steps_per_epoch, averaged, sync
+        return getattr(self._workers, name)
+
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(block: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch optimizer a DeepSpeed JSON's ``optimizer`` section describes (``{"type": "SGD", "params":
+    {...}}``), over the stacked parameters: element-wise, so it steps every replica as its own optimizer."""
+    kind = str(block.get("type", "")).lower()
+    if kind not in OPTIMIZERS:
+        raise ConfigError(
+            f"virtual workers: optimizer.type must be one of {sorted(OPTIMIZERS)}, got {block.get('type')!r}"
+        )
+    return OPTIMIZERS[kind](params, **dict(block.get("params") or {}))
+
+
+def stacked_batches(
+    loaders: list[Iterable], *, pad_label: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Replica r's batch from ``loaders[r]`` (rank r of K's loader), stacked: ``images [K, B, ...]`` and
+    ``labels [K * B]``. Training loaders give every rank the same number of equal batches. With
+    ``pad_label`` (validation, where ranks hold shares that differ by a batch or a few images), a rank with
+    fewer or smaller batches is padded with zero images labelled ``pad_label``, to be left out of counts."""
+    iters = [iter(loader) for loader in loaders]
+    while True:
+        batches = [next(it, None) for it in iters]
+        if all(b is None for b in batches):
+            return
+        if pad_label is None and any(b is None for b in batches):
+            raise ValueError(
+                "virtual workers: training loaders of the K ranks gave different numbers of batches"
+            )
+        real = [b for b in batches if b is not None]
+        size = max(b[0].shape[0] for b in real)
+        images, labels = [], []
+        for b in batches:
+            x, y = b if b is not None else (real[0][0][:0], real[0][1][:0])
+            missing = size - x.shape[0]
+            if missing:
+                if pad_label is None:
+                    raise ValueError("virtual workers: training batches of the K ranks differ in size")
+                x = torch.cat([x, x.new_zeros((missing, *x.shape[1:]))])
+                y = torch.cat([y, y.new_full((missing,), pad_label)])
+            images.append(x)
+            labels.append(y)
+        yield torch.stack(images), torch.cat(labels)

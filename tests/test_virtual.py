@@ -43,9 +43,8 @@ def run_virtual(
     for s in range(steps):
         for micro in range(gas):
             xs, ys = zip(*(batch(k, s, micro) for k in range(K)))
-            logits = workers.forward(torch.stack(xs))
-            loss = sum(loss_fn(logits[k], ys[k]) for k in range(K))  # each replica's own mean loss
-            workers.backward(loss)
+            logits = workers(torch.stack(xs))  # [K * B, classes], replica-major
+            workers.backward(loss_fn(logits, torch.stack(ys).flatten()))  # the mean over all K x B
             workers.step()
         if s + 1 in forced:
             workers.sync()
@@ -118,3 +117,36 @@ def test_refusals():
         )
     with pytest.raises(ConfigError, match="ties parameters"):
         stack_replicas(make_model(0, "tied"), 2)
+
+
+def test_checkpoint_mid_period_resumes_exactly(tmp_path):
+    block = {"H": 4, "T": 0, "slowmo": {"beta": 0.5, "alpha": 1.0}}
+    full, _ = run_virtual(2, 6, block, spe=6)
+    part, _ = run_virtual(2, 3, block, spe=6)
+    part.save_checkpoint(str(tmp_path), tag="mid", client_state={"epoch": 1})
+    stacked = stack_replicas(make_model(5), 2)  # other weights: everything must come from the checkpoint
+    fresh = VirtualWorkers(
+        stacked, LocalSGDConfig.from_dict(block), make_optimizer(stacked.net), steps_per_epoch=6
+    )
+    path, client = fresh.load_checkpoint(str(tmp_path), tag="mid")
+    assert path is not None and client == {"epoch": 1} and fresh.hook.step == 3 and fresh.is_stale
+    for s in range(3, 6):
+        xs, ys = zip(*(batch(k, s) for k in range(2)))
+        fresh.backward(loss_fn(fresh(torch.stack(xs)), torch.stack(ys).flatten()))
+        fresh.step()
+    for a, b in zip(full.module.state_dict().values(), fresh.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_stacked_batches_pad_uneven_validation_shares():
+    from localsgd_ds.virtual import stacked_batches
+
+    shares = [
+        [(torch.ones(2, 1), torch.tensor([1, 2])), (torch.ones(1, 1), torch.tensor([3]))],
+        [(torch.ones(2, 1), torch.tensor([4, 5]))],
+    ]
+    out = list(stacked_batches(shares, pad_label=-1))
+    assert [x.shape for x, _ in out] == [(2, 2, 1), (2, 1, 1)]
+    assert out[0][1].tolist() == [1, 2, 4, 5] and out[1][1].tolist() == [3, -1]
+    with pytest.raises(ValueError, match="different numbers of batches"):
+        list(stacked_batches(shares))
