@@ -19,21 +19,20 @@ the math of a sync is ``averaging.py``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from localsgd_ds.averaging import average_, average_flat_, slowmo_step_
+from localsgd_ds.averaging import average_, average_flat_
 from localsgd_ds.config import ConfigError, LocalSGDConfig, check_engine, ds_config_dict
 from localsgd_ds.flat import FlatLayout, optimizer_state_tensors
+from localsgd_ds.period import LocalSGDPeriods
 from localsgd_ds.rank_state import load_rank_file, save_rank_file
-from localsgd_ds.stats import CommStats
 from localsgd_ds.workers import Workers, average_across_workers_, make_workers, node_size
 
 log = logging.getLogger("localsgd_ds")
@@ -46,11 +45,11 @@ def _device_synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class LocalSGD:
+class LocalSGD(LocalSGDPeriods):
     """Runs local SGD on one DeepSpeed engine. Build it with :func:`attach`.
 
     One counter, ``step`` (optimizer steps done), decides everything: the phase of the next step and when
-    to sync. It goes into every checkpoint and comes back on resume.
+    to sync (``period.py``). It goes into every checkpoint and comes back on resume.
     """
 
     def __init__(
@@ -75,22 +74,20 @@ class LocalSGD:
             )
 
         self.engine = engine
-        self.config = config
-        self.steps_per_epoch = steps_per_epoch
         self.allow_config_change = allow_config_change
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.workers = workers or make_workers(int(config.ranks_per_worker))
-        self.step = 0
-        self.stats = CommStats()
-        self._steps_since_sync = 0
         self._bucket_bytes = int(config.bucket_mb * (1 << 20))
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         # What the optimizer steps (at stage 0 in fp32 or autocast: the module's own fp32 parameters).
         self._optimizer = optimizer
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
-        # Each parameter's group, for the SlowMo step (each group's own learning rate).
-        self._group_of = [i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]]
+        self._init_periods(
+            config,
+            steps_per_epoch,
+            [p for group in optimizer.param_groups for p in group["params"]],
+            [i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]],
+        )
         self._buffers = list(engine.module.buffers())
         self._device = self._params[0].device if self._params else torch.device("cpu")
         names = {id(t): n for n, t in engine.module.named_parameters(remove_duplicate=False)}
@@ -101,13 +98,6 @@ class LocalSGD:
             flatten=config.uses_local_phase,
             names=names,
         )
-        # SlowMo: the anchor x0 (the weights at the start of the current period, re-taken from the live
-        # weights at the first local step of every period, so weights loaded after attach are what it
-        # refers to) and the slow momentum u.
-        self._slow_anchor: list[torch.Tensor] | None = None
-        self._slow_momentum: list[torch.Tensor] | None = None
-        # Each group's learning rate at the last optimizer step taken (what every sync's SlowMo step uses).
-        self._last_lrs: list[float] | None = None
 
         # DeepSpeed internals, wrapped on this engine instance only (detach() puts them back):
         # - step: the one place that knows an optimizer step happened (global_steps moves on a boundary).
@@ -138,53 +128,30 @@ class LocalSGD:
             config.slowmo,
         )
 
-    # -- the schedule -----------------------------------------------------------------------------------------
-
     @property
-    def in_local_phase(self) -> bool:
-        """Whether the next optimizer step is a local step (no gradient all-reduce)."""
-        return self.config.is_local_step(self.step, self.steps_per_epoch)
+    def step(self) -> int:
+        """Optimizer steps done: the one counter (``steps_done``)."""
+        return self.steps_done
 
-    @property
-    def is_stale(self) -> bool:
-        """Whether the workers' parameters may differ (local steps since the last sync)."""
-        return self._steps_since_sync > 0
+    def _optimizer_groups(self) -> list[dict[str, Any]]:
+        return self._optimizer.param_groups
 
     def _apply_phase(self) -> None:
         # The engine's own switch for its gradient all-reduce in backward (what its 1-bit optimizers use).
         # Workers of several ranks keep it on: the wrapped all-reduce then averages inside the worker.
         self.engine.enable_backward_allreduce = not self.in_local_phase or self.workers.grouped
 
-    @torch.no_grad()
-    def _take_anchor(self) -> None:
-        """x0 = the live weights, identical on all ranks here (the first local step of a period)."""
-        if self._slow_anchor is None:
-            self._slow_anchor = [p.detach().float().clone() for p in self._params]
-            self._slow_momentum = [torch.zeros_like(a) for a in self._slow_anchor]
-        else:
-            for x0, p in zip(self._slow_anchor, self._params, strict=True):
-                x0.copy_(p)
-
     # -- wrapped engine methods -------------------------------------------------------------------------------
 
     def _engine_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.engine.is_gradient_accumulation_boundary():  # a micro-batch inside accumulation
+            return self._originals["step"](*args, **kwargs)
         before = self.engine.global_steps
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        was_local = self.in_local_phase
-        if boundary and was_local and self.config.slowmo is not None and not self.is_stale:
-            self._take_anchor()
-        # The lrs this step uses (the scheduler moves them on inside the step).
-        lrs = [float(group["lr"]) for group in self._optimizer.param_groups]
+        local, lrs = self._before_step()  # the lrs this step uses (the scheduler moves them on inside it)
         out = self._originals["step"](*args, **kwargs)
-        if self.engine.global_steps == before:  # a micro-batch inside gradient accumulation
-            return out
-        self._last_lrs = lrs
-        self.step += 1
-        if was_local:
-            self._steps_since_sync += 1
-            if self.config.sync_due(self.step, self.steps_per_epoch):
-                self._sync(forced=False)
-        self._apply_phase()
+        if self.engine.global_steps != before:
+            self._after_step(local, lrs)
+            self._apply_phase()
         return out
 
     def _engine_allreduce_gradients(self, *args: Any, **kwargs: Any) -> Any:
@@ -262,7 +229,6 @@ class LocalSGD:
     def _sync(self, *, forced: bool, model_only: bool = False) -> None:
         """Average parameters (then the SlowMo step), buffers and optimizer state as the config says;
         ``model_only`` skips SlowMo and the optimizer state (what ``averaged()`` needs)."""
-        cfg = self.config
         _device_synchronize(self._device)
         start = time.perf_counter()
         sent = inside = 0
@@ -293,16 +259,8 @@ class LocalSGD:
                 bucket_bytes=self._bucket_bytes,
                 scratch=self._scratch,
             )
-            if not model_only and cfg.slowmo is not None and self._slow_anchor is not None:
-                assert self._slow_momentum is not None and self._last_lrs is not None
-                slowmo_step_(
-                    self._params,
-                    self._slow_anchor,
-                    self._slow_momentum,
-                    lrs=[self._last_lrs[g] for g in self._group_of],
-                    beta=cfg.slowmo.beta,
-                    alpha=cfg.slowmo.alpha,
-                )
+            if not model_only:
+                self._slowmo_()
             if not model_only:
                 sent += self._sync_momentum()
             self._steps_since_sync = 0
@@ -330,53 +288,11 @@ class LocalSGD:
             tensors, world_size=self.world_size, bucket_bytes=self._bucket_bytes, scratch=self._scratch
         )
 
-    def sync(self) -> bool:
-        """Average now, outside the H schedule (the next scheduled sync stays where it was).
-
-        In the local phase this is a full sync (parameters, SlowMo, optimizer state and buffers per policy);
-        in the mSGD phase the parameters are identical already and only buffers are synced. Returns whether
-        parameters were averaged.
-        """
-        stale = self.is_stale
-        if stale:
-            log.info(
-                "local_sgd: forced sync at step %d, %d local steps after the last one",
-                self.step,
-                self._steps_since_sync,
-            )
-        self._sync(forced=True)
-        return stale
-
-    @contextlib.contextmanager
-    def averaged(self, reason: str = "evaluation") -> Iterator[None]:
-        """Hold the global average (parameters, and buffers per policy) inside the block, then put each
-        rank's local state back, so evaluating or saving the average does not change training.
-
-        Uses plain averaging (no SlowMo step) and a CPU copy of what it changes for the duration.
-        """
-        stale = self.is_stale
+    def _averaged_changes(self) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return []
         synced_buffers = self._layout.synced_buffers if self.config.buffers != "local" else []
-        changes = (self._params if stale else []) + synced_buffers
-        if self.world_size == 1 or not changes:
-            yield
-            return
-        if stale:
-            log.info(
-                "local_sgd: averaging for %s at step %d (%d local steps since the last sync)",
-                reason,
-                self.step,
-                self._steps_since_sync,
-            )
-        saved = [t.detach().to("cpu", copy=True) for t in changes]
-        steps_since_sync = self._steps_since_sync
-        self._sync(forced=True, model_only=True)  # the optimizer state is not part of "the model"
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for t, s in zip(changes, saved, strict=True):
-                    t.copy_(s)
-            self._steps_since_sync = steps_since_sync
+        return (self._params if self.is_stale else []) + synced_buffers
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -390,14 +306,7 @@ class LocalSGD:
             "K": cfg.K,
             "T": cfg.T,
             "steps_per_epoch": self.steps_per_epoch,
-            "step": self.step,
-            "steps_since_sync": self._steps_since_sync,
-            "last_lrs": self._last_lrs,
-            "stats": self.stats.as_dict(),
-            "slowmo_anchor": None if self._slow_anchor is None else [t.cpu() for t in self._slow_anchor],
-            "slowmo_momentum": None
-            if self._slow_momentum is None
-            else [t.cpu() for t in self._slow_momentum],
+            **self._periods_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -415,16 +324,7 @@ class LocalSGD:
                     "allow_config_change=True to localsgd_ds.attach (recipe: --allow-config-change) to resume anyway"
                 )
             log.warning("local_sgd: resuming with a changed setup (%s)", what)
-        self.step = int(state["step"])
-        self._steps_since_sync = int(state.get("steps_since_sync", 0))
-        self._last_lrs = state.get("last_lrs")
-        self.stats = CommStats(**state.get("stats", {}))
-        anchor, momentum = state.get("slowmo_anchor"), state.get("slowmo_momentum")
-        if anchor is not None and cfg.slowmo is not None:
-            self._slow_anchor = [a.to(self._device, torch.float32) for a in anchor]
-            self._slow_momentum = [m.to(self._device, torch.float32) for m in momentum]
-        else:
-            self._slow_anchor = self._slow_momentum = None
+        self._load_periods_state(state, self._device)
         if self.engine.global_steps != self.step:
             log.warning(
                 "local_sgd: engine.global_steps = %d but the hook's step = %d; the hook's count rules",

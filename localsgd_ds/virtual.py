@@ -24,7 +24,6 @@ the hook's (``step``, ``stats``, ``averaged()``, ...).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,11 +31,10 @@ from typing import Any
 
 import torch
 
-from localsgd_ds.averaging import slowmo_step_
 from localsgd_ds.config import ConfigError, LocalSGDConfig
 from localsgd_ds.flat import is_synced_buffer, optimizer_state_tensors
+from localsgd_ds.period import LocalSGDPeriods
 from localsgd_ds.stacked import StackedReplicas, replica_view
-from localsgd_ds.stats import CommStats
 
 
 @torch.no_grad()
@@ -67,7 +65,7 @@ def broadcast_replica0_(tensors: list[torch.Tensor], K: int) -> int:
     return sent
 
 
-class VirtualWorkers:
+class VirtualWorkers(LocalSGDPeriods):
     """K workers as K replicas of one stacked network: the engine's ``forward`` / ``backward`` / ``step()`` /
     ``global_steps`` and the hook's ``in_local_phase``, ``stats``, ``sync()``, ``averaged()``, ``state_dict()``."""
 
@@ -87,34 +85,27 @@ class VirtualWorkers:
                 "virtual workers: local_sgd.ranks_per_worker must be 1 (a replica is one worker)"
             )
         self.K = stacked.K
-        self.config = config.resolve(self.K, local_size=1)
         self.module = stacked
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.steps_per_epoch = steps_per_epoch
         self.gradient_clipping = gradient_clipping
         self.gas = gradient_accumulation_steps
-        self.global_steps = 0
-        """Optimizer steps done (the hook's ``step`` counter; named as DeepSpeed's engine names it)."""
-        self.stats = CommStats()
         self._micro = 0
-        self._steps_since_sync = 0
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._group_of = [i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]]
+        self._init_periods(
+            config.resolve(self.K, local_size=1),
+            steps_per_epoch,
+            [p for group in optimizer.param_groups for p in group["params"]],
+            [i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]],
+        )
         self._buffers = [b for b in stacked.buffers() if is_synced_buffer(b)]
-        self._last_lrs: list[float] | None = None
-        self._slow_anchor: list[torch.Tensor] | None = None
-        self._slow_momentum: list[torch.Tensor] | None = None
-
-    # -- the schedule (the hook's) --------------------------------------------------------------------------
 
     @property
-    def in_local_phase(self) -> bool:
-        return self.config.is_local_step(self.global_steps, self.steps_per_epoch)
+    def global_steps(self) -> int:
+        """Optimizer steps done (the hook's ``step`` counter, named as DeepSpeed's engine names it)."""
+        return self.steps_done
 
-    @property
-    def is_stale(self) -> bool:
-        return self._steps_since_sync > 0
+    def _optimizer_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
 
     # -- training -------------------------------------------------------------------------------------------
 
@@ -181,9 +172,7 @@ class VirtualWorkers:
         """One optimizer step at the accumulation boundary (a no-op on the micro-batches before it)."""
         if self._micro % self.gas:
             return
-        local = self.in_local_phase
-        if local and self.config.slowmo is not None and not self.is_stale:
-            self._take_anchor()
+        local, lrs = self._before_step()
         grads = [p.grad for p in self._params if p.grad is not None]
         if not local:  # mSGD: every replica steps with the mean gradient (DeepSpeed's all-reduce)
             sent = average_replicas_(grads, self.K)
@@ -192,16 +181,11 @@ class VirtualWorkers:
             self.stats.bytes_across_workers += sent
         if self.gradient_clipping > 0:
             self._clip_per_replica(grads)
-        self._last_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        self.global_steps += 1
-        if local:
-            self._steps_since_sync += 1
-            if self.config.sync_due(self.global_steps, self.steps_per_epoch):
-                self._sync(forced=False)
+        self._after_step(local, lrs)
 
     def _clip_per_replica(self, grads: list[torch.Tensor]) -> None:
         """Each replica's gradient clipped by its own norm (``clip_grad_norm_`` per worker)."""
@@ -210,14 +194,6 @@ class VirtualWorkers:
         for g in grads:
             replica_view(g, self.K).mul_(coef.to(g.dtype).unsqueeze(1))
 
-    def _take_anchor(self) -> None:
-        if self._slow_anchor is None:
-            self._slow_anchor = [p.detach().float().clone() for p in self._params]
-            self._slow_momentum = [torch.zeros_like(a) for a in self._slow_anchor]
-        else:
-            for x0, p in zip(self._slow_anchor, self._params, strict=True):
-                x0.copy_(p)
-
     # -- syncs ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -225,16 +201,8 @@ class VirtualWorkers:
         cfg, stale, sent = self.config, self.is_stale, 0
         if stale:
             sent += average_replicas_(self._params, self.K)
-            if not model_only and cfg.slowmo is not None and self._slow_anchor is not None:
-                assert self._slow_momentum is not None and self._last_lrs is not None
-                slowmo_step_(
-                    self._params,
-                    self._slow_anchor,
-                    self._slow_momentum,
-                    lrs=[self._last_lrs[g] for g in self._group_of],
-                    beta=cfg.slowmo.beta,
-                    alpha=cfg.slowmo.alpha,
-                )
+            if not model_only:
+                self._slowmo_()
             if not model_only and cfg.momentum != "local":
                 tensors = optimizer_state_tensors(self.optimizer, self._params)
                 if cfg.momentum == "reset":
@@ -252,52 +220,21 @@ class VirtualWorkers:
         self.stats.syncs += int(stale)
         self.stats.forced_syncs += int(stale and forced)
 
-    def sync(self) -> bool:
-        """Average now, outside the H schedule (as ``LocalSGD.sync``)."""
-        stale = self.is_stale
-        self._sync(forced=True)
-        return stale
-
-    @contextlib.contextmanager
-    def averaged(self, reason: str = "evaluation") -> Iterator[None]:
-        """Hold the replicas' average inside the block (parameters, and buffers per policy), then give each
-        replica its own state back."""
-        changes = (self._params if self.is_stale else []) + (
+    def _averaged_changes(self) -> list[torch.Tensor]:
+        return (self._params if self.is_stale else []) + (
             self._buffers if self.config.buffers != "local" else []
         )
-        saved = [t.detach().clone() for t in changes]
-        steps_since_sync = self._steps_since_sync
-        self._sync(forced=True, model_only=True)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for t, s in zip(changes, saved, strict=True):
-                    t.copy_(s)
-            self._steps_since_sync = steps_since_sync
 
     # -- state ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "K": self.K,
-            "step": self.global_steps,
-            "steps_since_sync": self._steps_since_sync,
-            "last_lrs": self._last_lrs,
-            "stats": self.stats.as_dict(),
-            "slowmo_anchor": self._slow_anchor,
-            "slowmo_momentum": self._slow_momentum,
-        }
+        return {"K": self.K, **self._periods_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counters and SlowMo buffers (``state_dict``'s), refusing another K."""
         if state["K"] != self.K:
             raise ConfigError(f"checkpoint was made with {state['K']} virtual workers, this run has {self.K}")
-        self.global_steps = int(state["step"])
-        self._steps_since_sync = int(state["steps_since_sync"])
-        self._last_lrs = state["last_lrs"]
-        self.stats = CommStats(**state["stats"])
-        self._slow_anchor, self._slow_momentum = state["slowmo_anchor"], state["slowmo_momentum"]
+        self._load_periods_state(state, self.device)
 
 
 class _HookView:
@@ -308,7 +245,7 @@ class _HookView:
 
     @property
     def step(self) -> int:
-        return self._workers.global_steps
+        return self._workers.steps_done
 
     def __getattr__(self, name: str) -> Any:  # config, stats, in_local_phase, steps_per_epoch, averaged, sync
         return getattr(self._workers, name)
