@@ -142,13 +142,20 @@ def predict(work: Workload, *, workers: int, link: Link, H: int | None = None) -
     else:
         comm = allreduce_seconds(work.sync_bytes, workers, link) / H
         wire = ring_allreduce_bytes(work.sync_bytes, workers) / H
-    step = work.compute_s + comm
-    n = steps_per_epoch(work, workers)
+    return _prediction(work, workers=workers, gpus=workers, H=H, comm_s=comm, wire=wire)
+
+
+def _prediction(
+    work: Workload, *, workers: int, gpus: int, H: int | None, comm_s: float, wire: float
+) -> Prediction:
+    """A step of compute plus ``comm_s``; an epoch of ImageNet at a global batch of B x ``gpus``."""
+    step = work.compute_s + comm_s
+    n = steps_per_epoch(work, gpus)
     return Prediction(
         workers=workers,
         H=H,
         step_s=step,
-        comm_s=comm,
+        comm_s=comm_s,
         wire_bytes_per_step=wire,
         steps_per_epoch=n,
         epoch_s=n * step,
@@ -195,18 +202,8 @@ def predict_nodes(
         wire = ring_allreduce_bytes(work.sync_bytes, nodes) / H
         if worker == "node":
             comm += inside(work.grad_bytes)
-    step = work.compute_s + comm
-    n = steps_per_epoch(work, nodes * g)
     workers = nodes * g if worker == "gpu" or H is None else nodes
-    return Prediction(
-        workers=workers,
-        H=H,
-        step_s=step,
-        comm_s=comm,
-        wire_bytes_per_step=wire,
-        steps_per_epoch=n,
-        epoch_s=n * step,
-    )
+    return _prediction(work, workers=workers, gpus=nodes * g, H=H, comm_s=comm, wire=wire)
 
 
 def nodes_table(
