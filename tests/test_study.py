@@ -104,3 +104,182 @@ def test_claim1_rule():
     assert rules.claim1_rule([limited], [fast, fast, slow]).verdict == P
     no_amortize = {**fast, "local_comm_ms": 30.0}
     assert rules.claim1_rule([limited], [slow, no_amortize]).verdict == N
+
+
+# -- the runner's grid, config and resume logic --------------------------------------------------------------
+
+import json  # noqa: E402
+import textwrap  # noqa: E402
+
+import study  # noqa: E402
+
+STUDY = study.load_study(ROOT / "recipes" / "study.yaml")
+
+
+def test_expand_grid_dedupes_and_maps_h1_to_msgd():
+    section = {
+        "epochs": 4,
+        "seeds": [0, 1],
+        "schedule": "step-w1",
+        "groups": {"hk": {"H": [1, 4], "K": [2, 8], "T": [0]}, "switch": {"H": [4], "K": [8], "T": [0, 2]}},
+    }
+    runs = study.expand_grid(section)
+    ids = [r.run_id for r in runs]
+    assert len(ids) == len(set(ids)) == (4 + 1) * 2  # H4 K8 T0 is in both groups
+    msgd = [r for r in runs if r.H == 1]
+    assert msgd and all(r.T is None and r.method == "msgd" for r in msgd)
+    shared = next(r for r in runs if (r.H, r.K, r.T, r.seed) == (4, 8, 0, 0))
+    assert shared.groups == ("hk", "switch")
+    assert {r.method for r in runs} == {"msgd", "local", "postlocal"}
+
+
+def test_committed_grids_expand():
+    fixed, tuning, second = study.plan(STUDY["cpu"])
+    assert len({r.run_id for r in fixed}) == len(fixed) and second == 6
+    assert len(STUDY["cpu"]["seeds"]) >= 3 and len(STUDY["gpu"]["seeds"]) >= 3
+    assert len(study.plan(STUDY["gpu"])[0]) > len(fixed)
+    for spec in fixed + tuning:  # every run's JSON is a valid recipe config
+        from train_config import RunConfig
+
+        RunConfig.from_dict(study.run_config(spec, STUDY), world_size=spec.K)
+
+
+def test_run_config_fills_the_point():
+    spec = study.RunSpec(16, 8, 3, 7, "step-w1", 12, lr_mult=0.5, beta=0.5)
+    cfg = study.run_config(spec, STUDY)
+    assert cfg["local_sgd"] == {
+        **STUDY["base"]["local_sgd"],
+        "H": 16,
+        "K": "auto",
+        "T": 3,
+        "slowmo": {"beta": 0.5, "alpha": 1.0},
+    }
+    lr = cfg["train"]["lr_schedule"]
+    assert (
+        lr["milestones"] == [6, 9] and lr["base_lr"] == STUDY["base"]["train"]["lr_schedule"]["base_lr"] * 0.5
+    )
+    assert cfg["train"]["seed"] == 7 and cfg["train"]["epochs"] == 12
+    assert "slowmo" not in STUDY["base"]["local_sgd"]  # the base is not modified
+
+
+def test_pick_lr_multipliers():
+    section = STUDY["cpu"]
+    scores = {0.5: 90.0, 1.0: 95.0, 2.0: 95.0}
+    picked = study.pick_lr_multipliers(
+        section, lambda s: scores[s.lr_mult] + (1 if s.beta and s.lr_mult == 0.5 else 0)
+    )
+    assert picked == {"local H=16 K=16": 1.0, "slowmo H=16 K=16": 1.0}  # a tie goes to the smaller multiplier
+    assert study.pick_lr_multipliers(section, lambda s: None if s.lr_mult == 2.0 else 1.0) is None
+    runs = study.slowmo_eval_runs(section, picked)
+    assert len(runs) == 2 * len(section["seeds"]) and {r.lr_mult for r in runs} == {1.0}
+
+
+FAKE_TRAINER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    cfg = json.loads(Path(args["--deepspeed_config"]).read_text())
+    out = Path(args["--output-dir"]); out.mkdir(parents=True)
+    E = cfg["train"]["epochs"]
+    if cfg["train"]["seed"] == 13: sys.exit(3)
+    for e in range(1, E + 1):
+        rec = dict(epoch=e, step=e, phase="local", lr=0.1, train_loss=1.0 / e, top1=50.0 + e + int(args["--virtual"]),
+                   top5=90.0, images_per_s=1.0, train_s=1.0, compute_s=1.0, data_wait_s=0.0, comm_s=0.0, eval_s=0.0,
+                   syncs=1, bytes_sent=100, grad_allreduces=0, minutes=0.0)
+        with open(out / "metrics.jsonl", "a") as f: f.write(json.dumps(rec) + "\\n")
+        print(f"epoch {e}/{E}", flush=True)
+    """
+)
+
+
+def test_run_all_resumes_and_reports_failures(tmp_path, monkeypatch):
+    trainer = tmp_path / "fake_train.py"
+    trainer.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(
+        study.Runner,
+        "command",
+        lambda self, spec, cfg, out: [
+            sys.executable,
+            str(trainer),
+            "--deepspeed_config",
+            str(cfg),
+            "--output-dir",
+            str(out),
+            "--virtual",
+            str(spec.K),
+        ],
+    )
+    section = {
+        "epochs": 2,
+        "seeds": [0, 1],
+        "schedule": "step-w1",
+        "groups": {"g": {"H": [1, 4], "K": [2], "T": [0]}},
+    }
+    results = study.Results(tmp_path / "results", STUDY)
+    epochs = []
+    runner = study.Runner(
+        STUDY, section, results, tmp_path / "shards", tmp_path / "work", "cpu", 1, lambda: epochs.append(1)
+    )
+    fixed = study.expand_grid(section)
+    # a leftover of an interrupted attempt is removed before the run starts over
+    (tmp_path / "work" / fixed[0].run_id / "out").mkdir(parents=True)
+    (tmp_path / "work" / fixed[0].run_id / "out" / "metrics.jsonl").write_text("garbage")
+    assert study.run_all(runner, fixed, [], lambda: [], parallel=2) == []
+    assert len(epochs) == 4 * 2 and all(results.done(s) for s in fixed)
+    record = json.loads(results.path(fixed[0]).read_text())
+    assert record["final"]["top1"] == 54.0 and len(record["epochs"]) == 2 and record["spec"]["K"] == 2
+    # finished runs are skipped
+    assert study.run_all(runner, fixed, [], lambda: [], parallel=2) == [] and len(epochs) == 8
+    # a changed config (another seed list leaves these; another schedule makes them stale) runs again
+    stale = study.Results(
+        tmp_path / "results", {**STUDY, "base": {**STUDY["base"], "train_micro_batch_size_per_gpu": 4}}
+    )
+    assert not stale.done(fixed[0])
+    # a failing run is reported, the others still run, and it leaves no result
+    bad = study.RunSpec(4, 2, 0, 13, "step-w1", 2)
+    good = study.RunSpec(4, 2, 0, 5, "step-w1", 2)
+    failures = study.run_all(runner, [bad, good], [], lambda: [], parallel=1)
+    assert len(failures) == 1 and "exit 3" in failures[0] and results.done(good) and not results.done(bad)
+
+
+def test_second_stage_joins_after_tuning(tmp_path, monkeypatch):
+    trainer = tmp_path / "fake_train.py"
+    trainer.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(
+        study.Runner,
+        "command",
+        lambda self, spec, cfg, out: [
+            sys.executable,
+            str(trainer),
+            "--deepspeed_config",
+            str(cfg),
+            "--output-dir",
+            str(out),
+            "--virtual",
+            str(spec.K),
+        ],
+    )
+    section = {
+        "epochs": 1,
+        "seeds": [0],
+        "schedule": "step-w1",
+        "groups": {},
+        "slowmo": {
+            "settings": [{"H": 2, "K": 2}],
+            "beta": 0.5,
+            "alpha": 1.0,
+            "lr_multipliers": [1.0, 2.0],
+            "tune_seeds": [100],
+        },
+    }
+    results = study.Results(tmp_path / "results", STUDY)
+    runner = study.Runner(STUDY, section, results, tmp_path / "shards", tmp_path / "work", "cpu", 1)
+    tuning = study.slowmo_tuning_runs(section)
+
+    def second():
+        chosen = study.pick_lr_multipliers(section, results.final_top1)
+        return None if chosen is None else study.slowmo_eval_runs(section, chosen)
+
+    assert study.run_all(runner, [], tuning, second, parallel=2, expected_second=2) == []
+    assert len(results.all()) == 4 + 2  # 2 arms x 2 multipliers, then 2 arms x 1 seed
