@@ -47,7 +47,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the S3 test server helper
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -252,8 +251,7 @@ def main() -> None:
     args = parser.parse_args()
     width, height = (int(v) for v in args.image_px.lower().split("x"))
 
-    from s3_server import S3Server
-
+    from data_prep.local_s3 import S3Server
     from data_prep.shard import shard_dataset
     from data_prep.synthetic import make_photo_imagefolder
 
