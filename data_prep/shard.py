@@ -25,7 +25,7 @@ Example::
 
     from data_prep.shard import shard_dataset
     report = shard_dataset("data/digits", "s3://datasets/digits", samples_per_shard=128, workers=2)
-    print(report.splits["train"].manifest.num_samples)
+    print(report.splits["train"].manifest["num_samples"])
 """
 
 from __future__ import annotations
@@ -39,78 +39,22 @@ import multiprocessing
 import os
 import re
 import tarfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from data_prep.layout import SourceDataset, SourceSample, SourceSplit, discover
+from data_prep import writer
+from data_prep.images import BadImageError, prepare_image
+from data_prep.layout import SourceDataset, SourceSplit, discover
+from data_prep.plan import DEFAULT_SHARD_MB, ShardSettings, ShardTask, fingerprint, plan_tasks
 from data_prep.staging import Staging
+from localsgd_ds import s3
+from localsgd_ds.data.manifest import MANIFEST_FORMAT
 
-MANIFEST_FORMAT = "localsgd-ds-shards/1"  # the same string as localsgd_ds.data.MANIFEST_FORMAT (tested)
 TOOL = "data_prep 1"
-DEFAULT_SHARD_MB = 256.0
-INDEX_EVERY = 32  # one seek point per 32 samples: ImageNet's manifest stays below 1 MB
-
-
-class BadImageError(ValueError):
-    """An input image that cannot be decoded."""
 
 
 class ShardingError(RuntimeError):
     """The job cannot go on; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class ShardSettings:
-    """What decides the shard contents. Only ``strict`` does not enter the fingerprint."""
-
-    samples_per_shard: int | None = None  # target samples per shard; or:
-    shard_mb: float | None = None  # target MB per shard (of source bytes); default 256 if neither is set
-    seed: int = 0  # the global shuffle
-    strict: bool = False  # the first unreadable image stops the job
-    resize_short_side: int | None = None  # re-encode images whose short side is larger than this
-    jpeg_quality: int = 90  # only used when re-encoding
-    index_every: int = INDEX_EVERY
-
-    def __post_init__(self):
-        if self.samples_per_shard is not None and self.shard_mb is not None:
-            raise ValueError("give samples_per_shard or shard_mb, not both")
-        if self.samples_per_shard is not None and self.samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
-        if self.shard_mb is not None and self.shard_mb <= 0:
-            raise ValueError(f"shard_mb={self.shard_mb}: must be > 0")
-        if self.resize_short_side is not None and self.resize_short_side < 8:
-            raise ValueError(f"resize_short_side={self.resize_short_side}: must be >= 8")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality={self.jpeg_quality}: must be in [1, 100]")
-        if self.index_every < 1:
-            raise ValueError(f"index_every={self.index_every}: must be >= 1")
-
-    def content(self) -> dict:
-        return {
-            "resize_short_side": self.resize_short_side,
-            "jpeg_quality": self.jpeg_quality if self.resize_short_side else None,
-            "index_every": self.index_every,
-        }
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    split: str
-    index: int
-    url: str
-    record_url: str
-    samples: tuple[SourceSample, ...]
-    keys: tuple[str, ...]
-    fingerprint: str
-    settings: ShardSettings
-    tmp_dir: str | None
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.split, self.index)
 
 
 @dataclass(frozen=True)
@@ -137,86 +81,6 @@ class ShardReport:
         return sum(r.reused for r in self.splits.values())
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-# ============================================================================================ planning
-def _keys(samples: Iterable[SourceSample]) -> list[str]:
-    """webdataset keys from relative paths: no extension and no dots (a dot starts the extension)."""
-    keys, seen = [], set()
-    for s in samples:
-        key = re.sub(r"[.\s]", "_", os.path.splitext(s.relpath)[0])
-        base, n = key, 1
-        while key in seen:
-            key, n = f"{base}_{n}", n + 1
-        seen.add(key)
-        keys.append(key)
-    return keys
-
-
-def plan_shards(split: SourceSplit, settings: ShardSettings) -> list[list[int]]:
-    """Sample indices of each shard: a seeded global permutation cut by count or by source bytes."""
-    import numpy as np
-
-    order = np.random.default_rng([settings.seed, 0x5A4D]).permutation(len(split.samples)).tolist()
-    shards: list[list[int]] = []
-    if settings.samples_per_shard is not None:
-        n = settings.samples_per_shard
-        return [order[i : i + n] for i in range(0, len(order), n)]
-    limit = (settings.shard_mb or DEFAULT_SHARD_MB) * 1e6
-    current, size = [], 0
-    for i in order:
-        if current and size + split.samples[i].size > limit:
-            shards.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += split.samples[i].size
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _fingerprint(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-# ============================================================================================ images
-def prepare_image(data: bytes, settings: ShardSettings) -> tuple[bytes, bool]:
-    """The bytes to store for one source image and whether they were re-encoded.
-
-    JPEGs are decoded (at 1/8 scale: libjpeg still parses every coefficient, so truncation and bad
-    Huffman data are found) and stored unchanged. Other formats, and with ``resize_short_side`` larger
-    images, are re-encoded as JPEG.
-    """
-    try:
-        im = Image.open(io.BytesIO(data))
-        width, height = im.size
-        target = settings.resize_short_side
-        shrink = target is not None and min(width, height) > target
-        if im.format == "JPEG" and not shrink:
-            im.draft(None, (max(1, width // 8), max(1, height // 8)))
-            im.load()
-            return data, False
-        if shrink:
-            scale = target / min(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            if im.format == "JPEG":
-                im.draft(None, size)  # decode at a reduced DCT scale that still keeps >= size
-            im = im.resize(size, Image.BICUBIC, reducing_gap=3.0)
-        else:
-            im.load()
-    except UnidentifiedImageError:
-        raise BadImageError("not an image PIL can read (unrecognized format)") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        raise BadImageError(f"{type(exc).__name__}: {exc}") from exc
-    if im.mode not in ("RGB", "L"):
-        im = im.convert("RGB")  # CMYK, palette, alpha: JPEG output as plain RGB
-    out = io.BytesIO()
-    im.save(out, "JPEG", quality=settings.jpeg_quality)
-    return out.getvalue(), True
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -236,16 +100,16 @@ def _sha256(path: Path) -> str:
 
 def write_shard(task: ShardTask) -> dict:
     """Write one shard and its record; returns the record (the manifest entry plus bookkeeping)."""
-    from localsgd_ds import s3
-
     skipped, reencoded, offsets = [], [], []
     count = 0
-    with s3.atomic_output(task.url, task.tmp_dir) as tmp:
+    with writer.atomic_output(task.url, task.staging) as tmp:
         with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for sample, key in zip(task.samples, task.keys, strict=True):
                 try:
                     with open(sample.path, "rb") as src:
-                        payload, changed = prepare_image(src.read(), task.settings)
+                        payload, changed = prepare_image(
+                            src.read(), task.settings.resize_short_side, task.settings.jpeg_quality
+                        )
                 except (OSError, BadImageError) as exc:
                     reason = str(exc) if isinstance(exc, BadImageError) else f"{type(exc).__name__}: {exc}"
                     if task.settings.strict:
@@ -270,14 +134,12 @@ def write_shard(task: ShardTask) -> dict:
         "skipped": skipped,
         "reencoded": reencoded,
     }
-    s3.put_bytes(json.dumps(record).encode(), task.record_url)
+    writer.put_bytes(json.dumps(record).encode(), task.record_url)
     return record
 
 
 # ============================================================================================ the job
 def _reusable(record_url: str, shard_url: str, fingerprint: str) -> dict | None:
-    from localsgd_ds import s3
-
     try:
         record = json.loads(s3.read_bytes(record_url))
     except (s3.ObjectNotFoundError, ValueError):
@@ -312,81 +174,35 @@ def _run(tasks: list[ShardTask], workers: int, on_done) -> None:
             on_done(by_index[index], record)
 
 
-def _shard_split(
-    source: SourceDataset,
-    split: SourceSplit,
-    out: str,
-    settings: ShardSettings,
-    *,
-    workers,
-    overwrite,
-    progress,
-    tmp_dir,
-) -> SplitResult:
-    from tqdm import tqdm
-
-    from localsgd_ds import s3
-
-    split_url = s3.join(out, split.name)
-    work_url = s3.join(split_url, "_work")
-    manifest_url = s3.join(split_url, "manifest.json")
-    plan = plan_shards(split, settings)
-    keys = _keys(split.samples)
-    content = settings.content()
-    tasks = []
-    for i, members in enumerate(plan):
-        samples = tuple(split.samples[j] for j in members)
-        fp = _fingerprint(
-            {
-                "format": MANIFEST_FORMAT,
-                "settings": content,
-                "samples": [
-                    (s.relpath, s.label, s.size, keys[j]) for s, j in zip(samples, members, strict=True)
-                ],
-            }
-        )
-        tasks.append(
-            ShardTask(
-                split=split.name,
-                index=i,
-                url=s3.join(split_url, shard_name(split.name, i)),
-                record_url=s3.join(work_url, shard_name(split.name, i) + ".json"),
-                samples=samples,
-                keys=tuple(keys[j] for j in members),
-                fingerprint=fp,
-                settings=settings,
-                tmp_dir=tmp_dir,
-            )
-        )
-    plan_fp = _fingerprint({"classes": source.classes, "shards": [t.fingerprint for t in tasks]})
-
-    # An existing manifest: done already, or a different dataset that we must not silently replace.
+def _existing_manifest(manifest_url: str, plan_fp: str, split: str, overwrite: bool) -> dict | None:
+    """The manifest already at ``manifest_url`` if it is this plan's (the split is done); None if there
+    is none, or if ``overwrite`` and it is another plan's (then it is deleted first)."""
     try:
         existing = json.loads(s3.read_bytes(manifest_url))
     except s3.ObjectNotFoundError:
-        existing = None
-    if existing is not None:
-        if existing.get("fingerprint") == plan_fp:
-            return SplitResult(
-                manifest_url, existing, 0, len(tasks), tuple(map(tuple, existing.get("skipped", [])))
-            )
-        if not overwrite:
-            raise ShardingError(
-                f"{s3.redact(manifest_url)} already describes a different {split.name} shard set (other inputs or "
-                "settings); pass --overwrite to replace it, or choose another --out"
-            )
-        s3.delete(manifest_url)  # from here on the location is "being rewritten", never inconsistent
+        return None
+    if existing.get("fingerprint") == plan_fp:
+        return existing
+    if not overwrite:
+        raise ShardingError(
+            f"{s3.redact(manifest_url)} already describes a different {split} shard set (other inputs or "
+            "settings); pass --overwrite to replace it, or choose another --out"
+        )
+    writer.delete(manifest_url)  # from here on the location is "being rewritten", never inconsistent
+    return None
 
-    if s3.parse(out).kind == "local":
-        _cleanup_local_partials(s3.parse(split_url).url)
 
-    records: dict[int, dict] = {}
-    todo = []
+def _write_missing(
+    split: SourceSplit, tasks: list[ShardTask], workers: int, progress: bool
+) -> tuple[list[dict], int]:
+    """Every task's record, in shard order: reused where an earlier run finished the shard, else
+    written now; and how many were reused."""
+    from tqdm import tqdm
+
+    records = {}
     for task in tasks:
         record = _reusable(task.record_url, task.url, task.fingerprint)
-        if record is None:
-            todo.append(task)
-        else:
+        if record is not None:
             records[task.index] = record
     reused = len(records)
     bar = tqdm(
@@ -408,50 +224,72 @@ def _shard_split(
             bar.write(f"skipped {path}: {reason}")
 
     try:
-        _run(todo, workers, done)
+        _run([t for t in tasks if t.index not in records], workers, done)
     finally:
         bar.close()
+    return [records[i] for i in range(len(tasks))], reused
 
-    ordered = [records[i] for i in range(len(tasks))]
-    skipped = [tuple(s) for r in ordered for s in r["skipped"]]
-    manifest = {
+
+def _manifest(split: SourceSplit, num_classes: int, settings: ShardSettings, plan_fp: str, records) -> dict:
+    """The manifest.json content, from the shards' records in shard order."""
+    return {
         "format": MANIFEST_FORMAT,
         "split": split.name,
-        "num_samples": sum(r["num_samples"] for r in ordered),
-        "num_bytes": sum(r["num_bytes"] for r in ordered),
-        "num_shards": len(ordered),
-        "num_classes": len(source.classes),
+        "num_samples": sum(r["num_samples"] for r in records),
+        "num_bytes": sum(r["num_bytes"] for r in records),
+        "num_shards": len(records),
+        "num_classes": num_classes,
         "index_every": settings.index_every,
         "source_layout": split.layout,
         "settings": {
             "seed": settings.seed,
             "samples_per_shard": settings.samples_per_shard,
             "shard_mb": None if settings.samples_per_shard else (settings.shard_mb or DEFAULT_SHARD_MB),
-            **content,
+            **settings.content(),
         },
         "fingerprint": plan_fp,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool": TOOL,
-        "skipped": [list(s) for s in skipped],
-        "reencoded": [p for r in ordered for p in r["reencoded"]],
+        "skipped": [list(s) for r in records for s in r["skipped"]],
+        "reencoded": [p for r in records for p in r["reencoded"]],
         "shards": [
-            {k: r[k] for k in ("name", "num_samples", "num_bytes", "sha256", "offsets")} for r in ordered
+            {k: r[k] for k in ("name", "num_samples", "num_bytes", "sha256", "offsets")} for r in records
         ],
     }
-    s3.put_bytes(json.dumps(manifest, indent=1).encode(), manifest_url)
-    # Tidy up: the records, and shards of an earlier, larger plan that the manifest no longer lists.
-    # (Everything under _work goes, including a record a killed run left half-written.)
+
+
+def _tidy(split_url: str, split: str, listed: set[str]) -> None:
+    """Remove the records (a half-written one a killed run left too) and shards of an earlier, larger
+    plan that the manifest no longer lists."""
+    work_url = s3.join(split_url, "_work")
     for name in s3.list_names(work_url):
-        s3.delete(s3.join(work_url, name))
+        writer.delete(s3.join(work_url, name))
     if s3.parse(work_url).kind == "local":
         with contextlib.suppress(OSError):
             os.rmdir(s3.parse(work_url).url)
-    listed = {t.name for t in tasks}
-    pattern = re.compile(rf"^{re.escape(split.name)}-\d{{6}}\.tar$")
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
     for name in s3.list_names(split_url):
         if pattern.match(name) and name not in listed:
-            s3.delete(s3.join(split_url, name))
-    return SplitResult(manifest_url, manifest, len(tasks) - reused, reused, tuple(skipped))
+            writer.delete(s3.join(split_url, name))
+
+
+def _shard_split(source: SourceDataset, split: SourceSplit, out: str, settings: ShardSettings, *, workers,
+                 overwrite, progress, staging) -> SplitResult:  # fmt: skip
+    split_url = s3.join(out, split.name)
+    manifest_url = s3.join(split_url, "manifest.json")
+    tasks = plan_tasks(split, split_url, settings, staging)
+    plan_fp = fingerprint({"classes": source.classes, "shards": [t.fingerprint for t in tasks]})
+    done = _existing_manifest(manifest_url, plan_fp, split.name, overwrite)
+    if done is not None:
+        return SplitResult(manifest_url, done, 0, len(tasks), tuple(map(tuple, done.get("skipped", []))))
+    if s3.parse(out).kind == "local":
+        _cleanup_local_partials(s3.parse(split_url).url)
+    records, reused = _write_missing(split, tasks, workers, progress)
+    manifest = _manifest(split, len(source.classes), settings, plan_fp, records)
+    writer.put_bytes(json.dumps(manifest, indent=1).encode(), manifest_url)
+    _tidy(split_url, split.name, {t.name for t in tasks})
+    skipped = tuple(tuple(s) for s in manifest["skipped"])
+    return SplitResult(manifest_url, manifest, len(tasks) - reused, reused, skipped)
 
 
 def shard_dataset(
@@ -475,41 +313,38 @@ def shard_dataset(
     Resumable: call it again with the same arguments after an interruption. ``workers`` processes
     write shards in parallel. Raises BadImageError (``strict``), LayoutError or ShardingError.
     """
-    from localsgd_ds import s3
-
-    settings = ShardSettings(
-        samples_per_shard=samples_per_shard,
-        shard_mb=shard_mb,
-        seed=seed,
-        strict=strict,
-        resize_short_side=resize_short_side,
-        jpeg_quality=jpeg_quality,
-    )
+    settings = ShardSettings(samples_per_shard, shard_mb, seed, strict, resize_short_side, jpeg_quality)
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
     out = os.fspath(out)
-    loc = s3.parse(out)
-    if loc.kind == "http":
+    if s3.parse(out).kind == "http":
         raise ShardingError(
             f"{s3.redact(out)}: http(s) locations are read-only; write to a path or s3://bucket/prefix"
         )
     source = discover(src, splits)
-    with contextlib.ExitStack() as stack:
-        if loc.kind == "s3":
-            s3.ensure_bucket(out)
-            aborted = s3.abort_incomplete_uploads(out)
-            staging = stack.enter_context(Staging(out, tmp_dir))  # removes killed jobs' staged shards
-            if aborted and progress:
-                print(f"aborted {aborted} incomplete multipart upload(s) left under {s3.redact(out)}")
-            if staging.removed and progress:
-                print(f"removed {len(staging.removed)} staging folder(s) of killed jobs in {staging.root}")
-            tmp_dir = str(staging.path)
-        return _shard_splits(source, out, settings, workers, overwrite, progress, tmp_dir)
+    if s3.parse(out).kind == "local":  # shards are written beside their targets and renamed
+        return _shard_splits(source, out, settings, workers=workers, overwrite=overwrite, progress=progress)
+    writer.ensure_bucket(out)
+    aborted = writer.abort_incomplete_uploads(out)
+    with Staging(out, tmp_dir) as staging:  # removes the staging that killed jobs left
+        if aborted and progress:
+            print(f"aborted {aborted} incomplete multipart upload(s) left under {s3.redact(out)}")
+        if staging.removed and progress:
+            print(f"removed {len(staging.removed)} staging folder(s) of killed jobs in {staging.root}")
+        return _shard_splits(
+            source,
+            out,
+            settings,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress,
+            staging=str(staging.path),
+        )
 
 
-def _shard_splits(source, out, settings, workers, overwrite, progress, tmp_dir) -> ShardReport:
-    from localsgd_ds import s3
-
+def _shard_splits(
+    source: SourceDataset, out: str, settings: ShardSettings, *, workers, overwrite, progress, staging=None
+) -> ShardReport:
     classes_url = s3.join(out, "classes.json")
     try:
         old_classes = json.loads(s3.read_bytes(classes_url))
@@ -519,7 +354,7 @@ def _shard_splits(source, out, settings, workers, overwrite, progress, tmp_dir) 
         raise ShardingError(
             f"{s3.redact(classes_url)} lists other classes than {source.root}; pass --overwrite or choose another --out"
         )
-    s3.put_bytes(json.dumps(list(source.classes)).encode(), classes_url)
+    writer.put_bytes(json.dumps(list(source.classes)).encode(), classes_url)
     results = {}
     for name, split in source.splits.items():
         results[name] = _shard_split(
@@ -530,6 +365,6 @@ def _shard_splits(source, out, settings, workers, overwrite, progress, tmp_dir) 
             workers=workers,
             overwrite=overwrite,
             progress=progress,
-            tmp_dir=tmp_dir,
+            staging=staging,
         )
     return ShardReport(out, source.classes, results)

@@ -17,6 +17,10 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 
+from localsgd_ds import s3
+from localsgd_ds.data.manifest import read_manifest
+from localsgd_ds.data.tar import TarSample, tar_samples
+
 
 @dataclass(frozen=True)
 class SplitSummary:
@@ -68,10 +72,21 @@ class _Hashing(io.RawIOBase):
         return n
 
 
+def _sample_problems(where: str, sample: TarSample, num_classes: int) -> list[str]:
+    problems = []
+    if "jpg" not in sample.parts:
+        problems.append(f"{where}: sample {sample.key!r} has no .jpg")
+    try:
+        label = int(sample.parts.get("cls", b""))
+    except ValueError:
+        return [*problems, f"{where}: sample {sample.key!r} has no integer .cls"]
+    if not 0 <= label < num_classes:
+        problems.append(f"{where}: sample {sample.key!r} has label {label}, outside [0, {num_classes})")
+    return problems
+
+
 def check_shard(args: tuple) -> list[str]:
     """Problems of one shard (empty if it is sound). ``args`` = (split, ShardInfo, index_every, num_classes)."""
-    from localsgd_ds import s3
-
     split, shard, every, num_classes = args
     where = f"{split}/{shard.name}"
     size = s3.object_size(shard.url)
@@ -80,42 +95,16 @@ def check_shard(args: tuple) -> list[str]:
     problems = []
     if size != shard.num_bytes:
         problems.append(f"{where}: {size} bytes, manifest says {shard.num_bytes}")
-    count, offsets, key = 0, [], None
+    count, offsets = 0, []
     try:
         with s3.open_stream(shard.url) as raw:
             hashing = _Hashing(raw)
             stream = io.BufferedReader(hashing, buffer_size=1 << 20)
-            parts: dict[str, bytes] = {}
-
-            def close_sample() -> None:
-                if key is None:
-                    return
-                if "jpg" not in parts:
-                    problems.append(f"{where}: sample {key!r} has no .jpg")
-                try:
-                    label = int(parts.get("cls", b""))
-                    if not 0 <= label < num_classes:
-                        problems.append(
-                            f"{where}: sample {key!r} has label {label}, outside [0, {num_classes})"
-                        )
-                except ValueError:
-                    problems.append(f"{where}: sample {key!r} has no integer .cls")
-
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    name = member.name
-                    dot = name.find(".", name.rfind("/") + 1)
-                    k, ext = (name[:dot], name[dot + 1 :]) if dot >= 0 else (name, "")
-                    if k != key:
-                        close_sample()
-                        if count % every == 0:
-                            offsets.append(member.offset)
-                        key, parts = k, {}
-                        count += 1
-                    parts[ext] = tar.extractfile(member).read()
-                close_sample()
+            for sample in tar_samples(stream):
+                if count % every == 0:
+                    offsets.append(sample.offset)
+                count += 1
+                problems += _sample_problems(where, sample, num_classes)
             while stream.read(1 << 20):  # the end-of-archive blocks belong to the hash too
                 pass
     except s3.StorageError as exc:
@@ -137,8 +126,6 @@ def verify_shards(
     location: str, splits: tuple[str, ...] = ("train", "val"), workers: int = 1
 ) -> VerifyReport:
     """Read every shard listed by the manifests of ``splits`` found at ``location`` and check it."""
-    from localsgd_ds import s3
-    from localsgd_ds.data import read_manifest
 
     summaries, problems, notes, jobs = {}, [], [], []
     for split in splits:

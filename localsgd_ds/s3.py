@@ -1,10 +1,11 @@
-"""Byte access to shard locations: ``s3://bucket/prefix``, local paths, ``file://`` and ``http(s)://``.
+"""Read bytes from shard locations: ``s3://bucket/prefix``, local paths, ``file://`` and ``http(s)://``.
 
-One small layer used by both halves of the data pipeline: ``data_prep`` writes shards through it and
-``localsgd_ds.data`` streams them back. Reads are ranged and retried: a transient object-store error
-(timeout, dropped connection, 5xx, throttling) reopens the object at the byte where it stopped, so a
-stalled connection mid-shard costs a reconnect, not the job. A missing object or rejected credential
-is not transient and raises at once, naming the URL and endpoint, never a secret.
+The reading half of the data pipeline: ``localsgd_ds.data`` streams shards through it and ``data_prep``
+checks and resumes with it (``data_prep.writer`` is the writing half). Reads are ranged and retried: a
+transient object-store error (timeout, dropped connection, 5xx, throttling) reopens the object at the
+byte where it stopped, so a stalled connection mid-shard costs a reconnect, not the job. A missing
+object or rejected credential is not transient and raises at once, naming the URL and endpoint, never
+a secret. :func:`with_retries` is the one retry loop, for every request here and in the writer.
 
 S3 settings come from the standard AWS sources that boto3 reads: ``AWS_ENDPOINT_URL`` (or
 ``AWS_ENDPOINT_URL_S3``) for an S3-compatible store, ``AWS_ACCESS_KEY_ID`` /
@@ -12,9 +13,6 @@ S3 settings come from the standard AWS sources that boto3 reads: ``AWS_ENDPOINT_
 endpoint, path-style addressing is used (every S3-compatible server supports it). Two knobs for the
 retry loop, read from the environment so that DataLoader workers and spawned ranks inherit them:
 ``LOCALSGD_IO_RETRIES`` (default 5) and ``LOCALSGD_IO_TIMEOUT`` (seconds per socket read, default 60).
-
-webdataset 1.0 has no ``s3://`` reader; :func:`register_s3_gopen` adds this module's reader to its
-``gopen`` table (``localsgd_ds.data`` calls it at import, so forked and spawned workers have it).
 
 Example::
 
@@ -28,23 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import importlib
 import io
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _BUFFER = 1 << 20  # read objects in 1 MiB chunks: one Python call per MiB, not per tar block
 
@@ -284,12 +279,31 @@ def _classify(exc: BaseException, url: str) -> BaseException | None:
     return StorageError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def _with_retries(what: Callable[[], object], url: str, *, retryable: bool = True):
-    """Call ``what`` until it succeeds, retrying transient errors with exponential backoff."""
+def _log_retry(url: str, exc: BaseException, attempt: int, attempts: int, delay: float) -> None:
+    log.warning(
+        "%s: transient error (%s), retry %d/%d in %.2fs", redact(url), exc, attempt + 1, attempts - 1, delay
+    )
+
+
+def with_retries(
+    call: Callable[[], T],
+    url: str,
+    *,
+    retryable: bool = True,
+    on_retry: Callable[[BaseException, int, int, float], None] | None = None,
+    failure: Callable[[], str] | None = None,
+) -> T:
+    """``call()`` until it succeeds, retrying transient errors with exponential backoff.
+
+    At most ``LOCALSGD_IO_RETRIES`` retries (none unless ``retryable``); a permanent error (missing
+    object, rejected credentials) raises at once as a StorageError naming ``url``. Before each retry,
+    ``on_retry(exc, attempt, attempts, delay)`` (default: log a warning). After the last attempt the
+    StorageError says ``failure()`` (default: how many attempts failed) and the last error.
+    """
     attempts = io_retries() + 1 if retryable else 1
     for attempt in range(attempts):
         try:
-            return what()
+            return call()
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified right here
@@ -297,18 +311,15 @@ def _with_retries(what: Callable[[], object], url: str, *, retryable: bool = Tru
             if permanent is not None:
                 raise permanent from exc
             if attempt + 1 == attempts:
-                raise StorageError(
-                    f"{redact(url)}: still failing after {attempts} attempts: {type(exc).__name__}: {exc}"
-                ) from exc
+                what = (
+                    failure() if failure else f"still failing after {attempts} attempts: {type(exc).__name__}"
+                )
+                raise StorageError(f"{redact(url)}: {what}: {exc}") from exc
             delay = min(8.0, 0.25 * 2**attempt)
-            log.warning(
-                "%s: transient error (%s), retry %d/%d in %.2fs",
-                redact(url),
-                exc,
-                attempt + 1,
-                attempts - 1,
-                delay,
-            )
+            if on_retry is None:
+                _log_retry(url, exc, attempt, attempts, delay)
+            else:
+                on_retry(exc, attempt, attempts, delay)
             _sleep(delay)
     raise AssertionError("unreachable")
 
@@ -348,17 +359,27 @@ class _Reader(io.RawIOBase):
         self._url = url
         self._pos = start
         self._end = end
-        self._stream = None
         self._retryable = self._loc.kind != "local"
-        self._open()  # fail here, at open time, on a missing object or bad credentials
+        # Open now: a missing object or bad credentials fail here, at open time.
+        self._stream = with_retries(self._open_raw, url, retryable=self._retryable)
 
-    def _open(self) -> None:
-        self._stream = _with_retries(
-            lambda: _open_raw(self._loc, self._pos, self._end), self._url, retryable=self._retryable
-        )
+    def _open_raw(self):
+        return _open_raw(self._loc, self._pos, self._end)
 
     def readable(self) -> bool:
         return True
+
+    def _read(self, size: int) -> bytes:
+        if self._stream is None:
+            self._stream = self._open_raw()
+        data = self._stream.read(size)
+        if not data and self._end is not None and self._pos < self._end:
+            raise http.client.IncompleteRead(b"", self._end - self._pos)
+        return data
+
+    def _reopen_later(self, exc: BaseException, attempt: int, attempts: int, delay: float) -> None:
+        log.warning("%s: stream broke at byte %d (%s); reopening", redact(self._url), self._pos, exc)
+        self._drop()
 
     def readinto(self, buffer) -> int:
         want = len(buffer)
@@ -366,29 +387,16 @@ class _Reader(io.RawIOBase):
             want = min(want, self._end - self._pos)
         if want <= 0:
             return 0
-        for attempt in range(io_retries() + 1 if self._retryable else 1):
-            try:
-                if self._stream is None:
-                    self._open()
-                data = self._stream.read(want)
-                if not data and self._end is not None and self._pos < self._end:
-                    raise http.client.IncompleteRead(b"", self._end - self._pos)
-                buffer[: len(data)] = data
-                self._pos += len(data)
-                return len(data)
-            except StorageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified right here
-                permanent = _classify(exc, self._url)
-                if permanent is not None or not self._retryable or attempt == io_retries():
-                    raise (
-                        permanent
-                        or StorageError(f"{redact(self._url)}: read failed at byte {self._pos}: {exc}")
-                    ) from exc
-                log.warning("%s: stream broke at byte %d (%s); reopening", redact(self._url), self._pos, exc)
-                self._drop()
-                _sleep(min(8.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
+        data = with_retries(
+            lambda: self._read(want),
+            self._url,
+            retryable=self._retryable,
+            on_retry=self._reopen_later,
+            failure=lambda: f"read failed at byte {self._pos}",
+        )
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
     def _drop(self) -> None:
         if self._stream is not None:
@@ -422,10 +430,10 @@ def object_size(url: str) -> int | None:
             return None
     try:
         if loc.kind == "s3":
-            head = _with_retries(lambda: s3_client().head_object(Bucket=loc.bucket, Key=loc.key), url)
+            head = with_retries(lambda: s3_client().head_object(Bucket=loc.bucket, Key=loc.key), url)
             return int(head["ContentLength"])
         req = urllib.request.Request(loc.url, method="HEAD")
-        resp = _with_retries(lambda: urllib.request.urlopen(req, timeout=io_timeout()), url)
+        resp = with_retries(lambda: urllib.request.urlopen(req, timeout=io_timeout()), url)
         return int(resp.headers.get("Content-Length", -1))
     except ObjectNotFoundError:
         return None
@@ -452,122 +460,8 @@ def list_names(url: str) -> list[str]:
 
     token = None
     while True:
-        resp = _with_retries(lambda t=token: page(t), url)
+        resp = with_retries(lambda t=token: page(t), url)
         names += [o["Key"][len(prefix) :] for o in resp.get("Contents", [])]
         token = resp.get("NextContinuationToken")
         if not token:
             return sorted(names)
-
-
-# ---------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_output(url: str, tmp_dir: str | None = None) -> Iterator[Path]:
-    """Yield a local path to write; publish it at ``url`` only if the block succeeds.
-
-    Local: the temporary file sits beside the target (a hidden ``.partial`` name) and is renamed, so a
-    reader never sees a partial file. S3: the file is uploaded after it is complete; a multipart upload
-    becomes visible only when completed, and s3transfer aborts it on error.
-    """
-    loc = parse(url)
-    if loc.kind == "http":
-        raise StorageError(f"{redact(url)}: http(s) locations are read-only; write to a path or s3://")
-    if loc.kind == "local":
-        folder, name = os.path.split(loc.url)
-        os.makedirs(folder, exist_ok=True)
-        tmp = Path(folder) / f".{name}.partial-{os.getpid()}"
-    else:
-        tmp_folder = tempfile.mkdtemp(prefix="localsgd-upload-", dir=tmp_dir)
-        tmp = Path(tmp_folder) / os.path.basename(loc.key)
-    try:
-        yield tmp
-        if loc.kind == "local":
-            os.replace(tmp, loc.url)
-        else:
-            put_file(tmp, url)
-    finally:
-        if loc.kind == "local":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        else:
-            shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def put_file(path: str | os.PathLike, url: str) -> None:
-    """Copy a local file to ``url`` (S3: multipart above 64 MiB, visible only once complete)."""
-    loc = parse(url)
-    if loc.kind == "local":
-        with atomic_output(url) as tmp:
-            shutil.copyfile(path, tmp)
-        return
-    if loc.kind != "s3":
-        raise StorageError(f"{redact(url)}: http(s) locations are read-only")
-    from boto3.s3.transfer import TransferConfig
-
-    transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
-    _with_retries(lambda: s3_client().upload_file(os.fspath(path), loc.bucket, loc.key, Config=transfer), url)
-
-
-def put_bytes(data: bytes, url: str) -> None:
-    loc = parse(url)
-    if loc.kind == "s3":
-        _with_retries(lambda: s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data), url)
-        return
-    with atomic_output(url) as tmp:
-        tmp.write_bytes(data)
-
-
-def delete(url: str) -> None:
-    """Remove the object if it exists."""
-    loc = parse(url)
-    if loc.kind == "local":
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(loc.url)
-    elif loc.kind == "s3":
-        _with_retries(lambda: s3_client().delete_object(Bucket=loc.bucket, Key=loc.key), url)
-    else:
-        raise StorageError(f"{redact(url)}: http(s) locations are read-only")
-
-
-def abort_incomplete_uploads(url: str) -> int:
-    """Abort multipart uploads left under ``url`` by a killed writer (invisible, but they cost storage)."""
-    loc = parse(url)
-    if loc.kind != "s3":
-        return 0
-    prefix = loc.key + "/" if loc.key else ""
-    resp = _with_retries(lambda: s3_client().list_multipart_uploads(Bucket=loc.bucket, Prefix=prefix), url)
-    uploads = resp.get("Uploads", [])
-    for up in uploads:
-        _with_retries(
-            lambda u=up: s3_client().abort_multipart_upload(
-                Bucket=loc.bucket, Key=u["Key"], UploadId=u["UploadId"]
-            ),
-            url,
-        )
-    return len(uploads)
-
-
-def ensure_bucket(url: str) -> None:
-    """Check that the bucket of an s3:// location exists and is writable-looking; a clear error if not."""
-    loc = parse(url)
-    if loc.kind != "s3":
-        return
-    _with_retries(lambda: s3_client().head_bucket(Bucket=loc.bucket), f"s3://{loc.bucket}")
-
-
-# ---------------------------------------------------------------------------------------- webdataset
-def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
-    """webdataset ``gopen`` handler for ``s3://`` URLs (read-only, retrying, ranged)."""
-    if mode != "rb":
-        raise ValueError(f"{redact(url)}: the s3:// gopen handler only reads (mode 'rb'), got {mode!r}")
-    return open_stream(url)
-
-
-def register_s3_gopen(*_worker_id) -> None:
-    """Teach webdataset's ``gopen`` to read ``s3://`` URLs in this process.
-
-    Idempotent, and usable as a DataLoader ``worker_init_fn`` for plain ``wds.WebDataset`` pipelines
-    (forked workers inherit the registration, spawned ones need this call).
-    """
-    # `webdataset.gopen` as an attribute is the function; the module is only reachable via import_module.
-    module = importlib.import_module("webdataset.gopen")
-    module.gopen_schemes["s3"] = gopen_s3

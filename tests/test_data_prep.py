@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from s3_server import ACCESS_KEY, SECRET_KEY, s3_server  # noqa: F401 - the module-scoped server fixture
+from s3_server import SECRET_KEY, s3_server  # noqa: F401 - the module-scoped server fixture
 
 from data_prep.layout import LayoutError, discover
 from data_prep.shard import BadImageError, ShardingError, shard_dataset
@@ -524,11 +524,3 @@ def test_sigkill_mid_upload_leaves_no_staged_files(s3_server, tmp_path):  # noqa
     assert "Uploads" not in s3_server.client().list_multipart_uploads(Bucket="shards", Prefix="staged/")
     report = verify_shards("s3://shards/staged", splits=("train",))
     assert report.ok and report.splits["train"].samples == 120, report.summary()
-
-
-def test_manifest_format_is_the_readers():
-    from data_prep import shard
-    from localsgd_ds import data
-
-    assert shard.MANIFEST_FORMAT == data.MANIFEST_FORMAT
-    assert ACCESS_KEY and SECRET_KEY

@@ -33,6 +33,7 @@ from localsgd_ds.data import (
     evaluate_counts,
     random_resized_crop,
     read_manifest,
+    register_s3_gopen,
     steps_per_epoch,
     stream_pieces,
     train_loader,
@@ -289,7 +290,7 @@ def test_val_covers_every_sample_once(local_shards):
             keys += k
     assert sum(totals) == VAL_N and len(keys) == len(set(keys)) == VAL_N
     assert evaluate_counts(5, sum(totals)) == (5, VAL_N)  # no process group: the counts themselves
-    with pytest.raises(ValueError, match="crop=64 is larger than resize=40"):
+    with pytest.raises(ValueError, match="val_crop = 64 is larger than DataConfig.val_resize = 40"):
         val_loader(local_shards, batch_size=8, rank=0, world_size=1, resize=40, crop=64)
 
 
@@ -378,7 +379,7 @@ def test_webdataset_reads_s3_urls_in_worker_processes(s3_shards):
     import webdataset as wds
 
     urls = f"{s3_shards}/train/train-{{000000..000008}}.tar"
-    for context, init in (("fork", None), ("spawn", s3.register_s3_gopen)):
+    for context, init in (("fork", None), ("spawn", register_s3_gopen)):
         dataset = wds.WebDataset(
             urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker
         )
