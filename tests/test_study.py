@@ -283,3 +283,48 @@ def test_second_stage_joins_after_tuning(tmp_path, monkeypatch):
 
     assert study.run_all(runner, [], tuning, second, parallel=2, expected_second=2) == []
     assert len(results.all()) == 4 + 2  # 2 arms x 2 multipliers, then 2 arms x 1 seed
+
+
+def _has_virtual_flag() -> bool:
+    import subprocess
+
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "train_imagenet.py"), "--help"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return "--virtual" in help_text
+
+
+@pytest.mark.skipif(not _has_virtual_flag(), reason="recipes/train_imagenet.py has no --virtual yet")
+def test_study_end_to_end_tiny(tmp_path):
+    """The real command on a 2-run grid of 1 epoch: data through data_prep, --virtual runs, results, report;
+    a second call skips both runs."""
+    import subprocess
+
+    import yaml
+
+    tiny = {k: STUDY[k] for k in ("base", "schedules")}
+    tiny["data"] = {"train_per_class": 16, "val_per_class": 4, "split_seed": 0}
+    tiny["tiny"] = {
+        "device": "cpu", "epochs": 1, "seeds": [0], "parallel": 2, "threads": 1, "schedule": "step-w1",
+        "groups": {"hk": {"H": [1, 2], "K": [2], "T": [0]}}, "cost_model": STUDY["cpu"]["cost_model"],
+    }  # fmt: skip
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    command = [
+        sys.executable, str(ROOT / "recipes" / "study.py"), "--config", str(config), "--grid", "tiny",
+        "--results", str(tmp_path / "results"), "--report-dir", str(tmp_path / "report"),
+        "--work", str(tmp_path / "work"), "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    records = sorted((tmp_path / "results").glob("*.json"))
+    assert [p.name.split("_")[0] for p in records] == ["local", "msgd"]
+    for p in records:
+        r = json.loads(p.read_text())
+        assert len(r["epochs"]) == 1 and 0 <= r["final"]["top1"] <= 100 and r["spec"]["K"] == 2
+    claims = json.loads((tmp_path / "report" / "claims.json").read_text())
+    assert len(claims["claims"]) == 8 and (tmp_path / "report" / "README.md").exists()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "2 already done" in second.stdout
