@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,16 +35,12 @@ sys.path.insert(0, str(HERE))
 
 import bench_report  # noqa: E402
 
+from localsgd_ds.runtime import free_port  # noqa: E402
+
 WORKER = HERE / "bench_worker.py"
 DEFAULT_BATCH = {"tiny": 4, "resnet18": 16, "resnet50": 8}
 NETNS_PREFIX = "lsgdbench"
 SUBNET = "10.231.7"  # inside the benchmark's own network namespaces only
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str]) -> None:

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,16 +30,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from localsgd_ds.runtime import free_port  # noqa: E402
+
 # The dataset: 10 digit classes, 20 px JPEGs; the recipe trains on 16 px crops.
 # 300 train images per class = 3000 images: 3000 // (32 per worker x 2 workers) = 46 steps per epoch.
 IMAGE_SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS = 20, 300, 40
 WORKERS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_shards(out: Path, bar: tqdm) -> Path:

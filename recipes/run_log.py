@@ -9,15 +9,21 @@ and T. Also the resolved config as text, and the run's hyperparameters with its 
 time in the HParams view, so the runs of a grid compare side by side::
 
     tensorboard --logdir runs        # one run per output folder
+
+``describe`` is the run's first printed line, ``hparams_of`` its coordinates in the grid.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from train_config import RunConfig, method_name
+
+from localsgd_ds import CommStats, LocalSGDConfig
 
 STEP_TAGS = ("train/loss", "train/lr")
 EPOCH_TAGS = (
@@ -48,8 +54,8 @@ class EpochMeter:
 
     epoch: int
     """The epoch being measured."""
-    comm_at_start: dict[str, float]
-    """The hook's cumulative communication counters when the epoch started."""
+    comm_at_start: CommStats = field(default_factory=CommStats)
+    """A copy of the hook's cumulative communication counters when the epoch started."""
     batches: int = 0
     """Micro-batches trained so far (the loader's ``skip_batches`` on resume)."""
     loss_sum: float = 0.0
@@ -59,12 +65,22 @@ class EpochMeter:
     train_seconds: float = 0.0
     """Wall seconds of the training loop (data wait + compute + communication)."""
 
+    @classmethod
+    def start(cls, epoch: int, stats: CommStats) -> EpochMeter:
+        return cls(epoch=epoch, comm_at_start=CommStats(**stats.as_dict()))
+
+    def comm_since_start(self, stats: CommStats) -> CommStats:
+        """What the hook counted since the epoch started: ``stats`` minus the counters at the start."""
+        return CommStats(
+            **{f.name: getattr(stats, f.name) - getattr(self.comm_at_start, f.name) for f in fields(stats)}
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochMeter:
-        return cls(**state)
+        return cls(**{**state, "comm_at_start": CommStats(**state["comm_at_start"])})
 
 
 @dataclass(frozen=True)
@@ -198,3 +214,44 @@ class RunLog:
         if finished:
             self.writer.file_writer.add_summary(self._session_end)
         self.writer.close()
+
+
+def describe(
+    run: RunConfig, local_sgd: LocalSGDConfig, steps_per_epoch: int, num_classes: int, step: int
+) -> str:
+    """The run's first line: model, method, H, K, T, the batch arithmetic, the epoch length and the lr."""
+    b, schedule = run.batch, run.train.lr_schedule
+    lr = (
+        "lr from DeepSpeed's scheduler"
+        if schedule is None
+        else f"peak lr {schedule.base_lr:g} x {b.global_batch} / {schedule.reference_batch} = "
+        f"{schedule.peak_lr(b.global_batch):g}"
+    )
+    where = f"resuming at step {step}" if step else "from scratch"
+    return (
+        f"{run.train.model} {method_name(local_sgd)} H={local_sgd.H} K={local_sgd.K} T={local_sgd.T} | "
+        f"batch {b.micro_batch} x {b.world_size} workers x {b.grad_accum} accumulation = {b.global_batch} | "
+        f"{steps_per_epoch} steps/epoch x {run.train.epochs} epochs | {lr} | {num_classes} classes | {where}"
+    )
+
+
+def hparams_of(run: RunConfig, local_sgd: LocalSGDConfig, num_classes: int) -> dict[str, Any]:
+    """The run's coordinates in the grid, for TensorBoard's HParams view (T = -1: never switches)."""
+    schedule, slowmo = run.train.lr_schedule, local_sgd.slowmo
+    return {
+        "model": run.train.model,
+        "method": method_name(local_sgd),
+        "H": local_sgd.H,
+        "K": local_sgd.K,
+        "T": -1 if local_sgd.T is None else local_sgd.T,
+        "global_batch": run.batch.global_batch,
+        "schedule": "deepspeed" if schedule is None else schedule.decay,
+        "peak_lr": float("nan") if schedule is None else schedule.peak_lr(run.batch.global_batch),
+        "warmup_epochs": float("nan") if schedule is None else schedule.warmup_epochs,
+        "slowmo_beta": 0.0 if slowmo is None else slowmo.beta,
+        "slowmo_alpha": 1.0 if slowmo is None else slowmo.alpha,
+        "buffers": local_sgd.buffers,
+        "momentum": local_sgd.momentum,
+        "epochs": run.train.epochs,
+        "num_classes": num_classes,
+    }

@@ -13,9 +13,11 @@ reads ``local_sgd``, and the recipe reads ``train``::
     }
 
 ``RunConfig.from_dict(ds_json, world_size=K)`` validates all three parts together (errors name the key and
-the value) and ``RunConfig.resolved()`` is the JSON written into the run's output folder. The learning rate
-has one home: ``train.lr_schedule`` (the recipe's schedule in epochs) or DeepSpeed's own ``scheduler``
-section, never both; with ``train.lr_schedule`` the optimizer's ``params.lr`` must be left out.
+the value); the ``local_sgd`` block parsed here is what the recipe hands to ``localsgd_ds.attach(config=...)``,
+which checks it against the engine (ZeRO, fp16, bf16) and resolves it for good. ``RunConfig.resolved()`` is
+the JSON written into the run's output folder. The learning rate has one home: ``train.lr_schedule`` (the
+recipe's schedule in epochs) or DeepSpeed's own ``scheduler`` section, never both; with
+``train.lr_schedule`` the optimizer's ``params.lr`` must be left out.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from localsgd_ds.config import ConfigError, LocalSGDConfig, check_deepspeed_settings
+from localsgd_ds.config import ConfigError, LocalSGDConfig
 from localsgd_ds.models import MODELS
 from localsgd_ds.schedules import LRScheduleConfig
 
@@ -203,7 +205,8 @@ class RunConfig:
     train: TrainConfig
     """The recipe's ``train`` block."""
     local_sgd: LocalSGDConfig
-    """The hook's ``local_sgd`` block, with K resolved to the world size."""
+    """The hook's ``local_sgd`` block as parsed (K checked against the world size where it can be): what
+    the recipe passes to ``attach``; after that the hook's ``config`` is the one in force."""
     batch: BatchConfig
     """B, K and gradient accumulation."""
     deepspeed: dict[str, Any]
@@ -252,20 +255,28 @@ class RunConfig:
                 f"gradient_accumulation_steps = {micro} x {world_size} x {accum} = {batch.global_batch}"
             )
 
+        # Refused here, before any engine is built: a bad key or value, a K that is not the world size.
+        # What the engine runs (ZeRO, fp16, bf16) is checked by attach(), which asks the engine.
         local_sgd = LocalSGDConfig.from_dict(ds_json.get("local_sgd", {"T": None}), world_size=world_size)
-        check_deepspeed_settings(ds_json, local_sgd)
 
         deepspeed_json = copy.deepcopy(dict(ds_json))
         deepspeed_json["local_sgd"] = local_sgd.to_dict()
         deepspeed_json["train"] = train.to_dict()
         return cls(train=train, local_sgd=local_sgd, batch=batch, deepspeed=deepspeed_json)
 
-    def resolved(self) -> dict[str, Any]:
-        """The JSON written into the output folder: the input with every default filled in."""
-        return copy.deepcopy(self.deepspeed)
+    def resolved(self, local_sgd: LocalSGDConfig | None = None, **train_extra: Any) -> dict[str, Any]:
+        """The JSON written into the output folder: the input with every default filled in, the ``local_sgd``
+        block as the hook resolved it (``local_sgd``, when given) and facts found at the start in ``train``
+        (``train_extra``, e.g. the number of classes)."""
+        resolved = copy.deepcopy(self.deepspeed)
+        if local_sgd is not None:
+            resolved["local_sgd"] = local_sgd.to_dict()
+        resolved["train"].update(train_extra)
+        return resolved
 
-    def method(self) -> str:
-        """ "msgd", "local" (local SGD from the start), "postlocal"; with "+slowmo" when SlowMo is on."""
-        T = self.local_sgd.T
-        name = "msgd" if T is None else "local" if T == 0 else "postlocal"
-        return name + ("+slowmo" if self.local_sgd.slowmo is not None and T is not None else "")
+
+def method_name(local_sgd: LocalSGDConfig) -> str:
+    """ "msgd", "local" (local SGD from the start), "postlocal"; with "+slowmo" when SlowMo is on."""
+    T = local_sgd.T
+    name = "msgd" if T is None else "local" if T == 0 else "postlocal"
+    return name + ("+slowmo" if local_sgd.slowmo is not None and T is not None else "")

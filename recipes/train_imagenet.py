@@ -26,6 +26,9 @@ The optimizer is DeepSpeed's: ``"optimizer": {"type": "SGD", ...}`` builds ``tor
 section's params (momentum, nesterov, weight_decay); the learning rate comes from ``train.lr_schedule``
 (an ``EpochLRScheduler`` that DeepSpeed steps once per optimizer step) or from DeepSpeed's own
 ``scheduler`` section, never both.
+
+The file reads top-down as a run does: ``main`` (build, resume, loop over the epochs, finish), then
+the pieces it calls, each given the ``Training`` it needs (what every epoch of the run shares).
 """
 
 from __future__ import annotations
@@ -33,22 +36,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
-from checkpoints import latest_tag
+from checkpoints import Progress, restore, tag_to_resume
 from checkpoints import save as save_checkpoint
 from deepspeed.accelerator import get_accelerator
 from preemption import StopSignal
-from run_log import EpochMeter, EpochRecord, RunLog
+from run_log import EpochMeter, EpochRecord, RunLog, describe, hparams_of
 from train_config import RunConfig
 
 import localsgd_ds
@@ -91,158 +93,181 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One run: build, resume, loop over the epochs (train, evaluate, log, checkpoint), finish."""
     args = parse_args(argv)
-    threads = runtime.set_cpu_threads()  # this rank's share of the cores, before any heavy work
+    # The process: this rank's share of the cores, and collectives that fail in time instead of stalling.
+    threads = runtime.set_cpu_threads()
     runtime.init_distributed(timeout_s=runtime.collective_timeout_s(args.collective_timeout))
-    code = train(args, threads)
-    # Every rank got here together (a barrier, or the agreed stop): end without waiting on anyone. A rank
-    # that raised skips this (destroying groups the others still wait in can hang) and exits non-zero.
-    runtime.shutdown()
-    return code
-
-
-def train(args: argparse.Namespace, threads: runtime.ThreadChoice) -> int:
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(name)s: %(message)s")
-    print_rank0(str(threads))
-    run = RunConfig.from_dict(json.loads(Path(args.deepspeed_config).read_text()), world_size=world_size)
-    cfg, B = run.train, run.batch.micro_batch
-    ckpt_dir = args.output_dir / "checkpoints"
-    resume_tag = latest_tag(ckpt_dir)
-    if resume_tag is not None and not args.resume:
-        raise SystemExit(
-            f"{ckpt_dir} holds checkpoints: pass --resume to continue, or choose a new --output-dir"
-        )
-
-    # Data: every worker runs the same number of steps per epoch, by construction of the loader.
-    num_classes = data.read_manifest(args.data, "train").num_classes
-    batches_per_epoch = data.steps_per_epoch(args.data, "train", batch_size=B, world_size=world_size)
-    steps_per_epoch = batches_per_epoch // run.batch.grad_accum  # optimizer steps
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training split gives {batches_per_epoch} batches of {B} per worker, fewer than "
-            f"gradient_accumulation_steps = {run.batch.grad_accum}: not one optimizer step per epoch"
-        )
-
-    # Model, optimizer (DeepSpeed's, from the JSON), LR schedule, and the local SGD hook.
-    with runtime.waiting_for("the start (engine, hook, resume)"):
-        engine, lr_scheduler, channels_last = build_engine(run, num_classes, steps_per_epoch)
-        local_sgd = localsgd_ds.attach(
-            engine, steps_per_epoch=steps_per_epoch, allow_config_change=args.allow_config_change
-        )
-        stop = StopSignal()
-        progress = Progress()
-        if args.resume and resume_tag is not None:
-            progress = resume(engine, lr_scheduler, ckpt_dir, resume_tag)
-        elif args.resume:
-            print_rank0(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-
-    # The resolved config, TensorBoard and the per-epoch lines (rank 0).
-    resolved = {**run.resolved(), "train": {**run.resolved()["train"], "num_classes": num_classes}}
-    if rank == 0:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    log = RunLog(
-        args.output_dir,
-        enabled=rank == 0,
-        purge_step=local_sgd.step + 1 if local_sgd.step else None,
-        config=resolved,
-        hparams=hparams_of(run, num_classes),
-        local_sgd=local_sgd.config.to_dict(),
-        epochs=cfg.epochs,
+    logging.basicConfig(
+        level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, format="%(name)s: %(message)s"
     )
-    log.print(describe(run, steps_per_epoch, num_classes, local_sgd.step))
+    print_rank0(str(threads))
 
-    def checkpoint(next_epoch: int, meter: EpochMeter | None) -> str:
-        with runtime.waiting_for(f"the checkpoint at step {local_sgd.step}"):
-            client_state = {
-                "epoch": next_epoch,  # with meters: that epoch is under way, resume it after meter.batches
-                "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
-                "minutes": progress.minutes(),
-                "ranks": gather_rank_states(meter),  # rank 0 writes client_state: every rank's meter, RNG
-            }
-            return save_checkpoint(
-                engine, ckpt_dir, step=local_sgd.step, client_state=client_state, keep_last=cfg.keep_last
-            )
+    # Build: the experiment (the JSON), the data's epoch length, the engine with the hook, the run's log.
+    run = RunConfig.from_dict(
+        json.loads(Path(args.deepspeed_config).read_text()), world_size=dist.get_world_size()
+    )
+    resume_tag = tag_to_resume(args.output_dir / "checkpoints", args.resume)
+    with runtime.waiting_for("the start (engine, hook, resume)"):
+        t = build(run, args)
+        # Resume: weights, optimizer, the hook's state, LR schedule, RNG and any epoch under way, as saved.
+        progress = restore(t.engine, t.lr_scheduler, t.ckpt_dir, resume_tag) if resume_tag else Progress()
+    t.log = open_log(t, args.output_dir)
 
-    def stopped(where: str, tag: str) -> int:
-        log.print(f"stopped by {stop.name} {where}: checkpoint {ckpt_dir / tag}; rerun with --resume")
-        log.close(finished=False)
-        return PREEMPTED_EXIT_CODE
-
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    for epoch in range(progress.epoch, cfg.epochs):
+    # The epochs: train, evaluate the global average, log, checkpoint.
+    for epoch in range(progress.epoch, run.train.epochs):
         # Train: the same number of steps on every worker; the hook averages when a sync is due.
-        meter = progress.meter or EpochMeter(epoch=epoch, comm_at_start=local_sgd.stats.as_dict())
-        progress.meter = None
-        loader = data.train_loader(
-            args.data, batch_size=B, rank=rank, world_size=world_size, epoch=epoch, seed=cfg.seed,
-            image_size=cfg.image_size, num_workers=cfg.num_workers, skip_batches=meter.batches,
-            crop_scale=cfg.crop_scale, hflip=cfg.hflip,
-        )  # fmt: skip
-        batches = steps_per_epoch * run.batch.grad_accum
+        meter, progress.meter = progress.meter or EpochMeter.start(epoch, t.local_sgd.stats), None
         with runtime.waiting_for(
-            lambda epoch=epoch: (
-                f"step {local_sgd.step + 1} (epoch {epoch + 1}): gradient all-reduce, sync or stop check"
-            )
+            lambda: f"step {t.local_sgd.step + 1}: gradient all-reduce, sync or stop check"
         ):
-            stopping = train_one_epoch(
-                engine, local_sgd, loader, criterion, meter, log, stop, batches, channels_last, cfg
-            )
+            stopping = train_one_epoch(t, meter=meter)
         if stopping:
-            return stopped(f"at step {local_sgd.step}", checkpoint(epoch, meter))
+            tag = checkpoint(t, progress, next_epoch=epoch, meter=meter)
+            return stopped(t, f"at step {t.local_sgd.step}", tag)
 
-        # Evaluate the global average of the workers' models on the whole validation set.
-        eval_start = time.perf_counter()
+        # Evaluate the global average of the workers' models on the whole validation set; log the epoch.
         with runtime.waiting_for(f"the evaluation after epoch {epoch + 1}"):
-            with local_sgd.averaged(reason="evaluation"):
-                top1, top5 = evaluate(engine, run, args.data, channels_last)
-            eval_s = time.perf_counter() - eval_start
-            record = epoch_record(
-                epoch, meter, local_sgd, run, engine, top1, top5, eval_s, progress.minutes()
-            )
-        log.epoch(record)
+            t.log.epoch(evaluate_epoch(t, meter=meter, minutes=progress.minutes))
 
         # Checkpoint (the hook adds each worker's local state), then obey a signal that arrived meanwhile.
-        tag = checkpoint(epoch + 1, None)
+        tag = checkpoint(t, progress, next_epoch=epoch + 1)
         with runtime.waiting_for(f"the stop check after epoch {epoch + 1}"):
-            stopping = stop.agreed()
+            stopping = t.stop.agreed()
         if stopping:
-            return stopped(f"after epoch {epoch + 1}", tag)
+            return stopped(t, f"after epoch {epoch + 1}", tag)
 
-    # The final model is the global average (forced if the last sync is not current; the hook logs it).
+    # Finish: the final model is the global average (forced if the last sync is not current).
     with runtime.waiting_for("the final average and the closing barrier"):
-        with local_sgd.averaged(reason="the final model"):
-            if rank == 0:
-                torch.save(engine.module.state_dict(), args.output_dir / "final_model.pt")
-        log.print(
-            f"done: {cfg.epochs} epochs in {progress.minutes():.1f} min; tensorboard --logdir {args.output_dir}"
+        with t.local_sgd.averaged(reason="the final model"):
+            if t.rank == 0:
+                torch.save(t.engine.module.state_dict(), args.output_dir / "final_model.pt")
+        t.log.print(
+            f"done: {run.train.epochs} epochs in {progress.minutes():.1f} min; tensorboard --logdir {args.output_dir}"
         )
-        log.close(finished=True)
+        t.log.close(finished=True)
         dist.barrier()
+    # Every rank is here together: end without waiting on anyone. A rank that raised never gets here (it
+    # exits non-zero; destroying process groups the others may still wait in can hang).
+    runtime.shutdown()
     return 0
 
 
-def train_one_epoch(
-    engine, local_sgd, loader, criterion, meter, log, stop, batches, channels_last, cfg
-) -> bool:
-    """Train the rest of one epoch (up to ``batches`` micro-batches); True if the ranks agreed to stop."""
+@dataclass
+class Training:
+    """What every epoch of one run shares, built once by ``build``."""
+
+    run: RunConfig
+    """The experiment, from the JSON."""
+    location: str
+    """Where the shards are (``--data``)."""
+    rank: int
+    world_size: int
+    num_classes: int
+    steps_per_epoch: int
+    """Optimizer steps per epoch, the same on every rank."""
+    engine: Any
+    """The DeepSpeed engine: the model, DeepSpeed's optimizer, the LR schedule it steps."""
+    lr_scheduler: EpochLRScheduler | None
+    """The recipe's LR schedule (None when DeepSpeed's ``scheduler`` section is used)."""
+    local_sgd: localsgd_ds.LocalSGD
+    """The hook; ``local_sgd.config`` is the validated, resolved ``local_sgd`` block."""
+    channels_last: bool
+    criterion: torch.nn.Module
+    stop: StopSignal
+    """SIGTERM / SIGINT, agreed on by all ranks where they meet anyway."""
+    ckpt_dir: Path
+    log: RunLog | None = None
+    """Rank 0's lines, metrics.jsonl and TensorBoard; opened after the resume (``open_log``)."""
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per epoch: optimizer steps x gradient accumulation."""
+        return self.steps_per_epoch * self.run.batch.grad_accum
+
+
+def build(run: RunConfig, args: argparse.Namespace) -> Training:
+    """Collective. The epoch length (from the training split's manifest, read once), the engine (model,
+    DeepSpeed's optimizer from the JSON, the LR schedule) and the local SGD hook on it."""
+    rank, world_size, B = dist.get_rank(), dist.get_world_size(), run.batch.micro_batch
+    manifest = data.read_manifest(args.data, "train")
+    # Every rank runs the same number of batches per epoch, by construction of the loader.
+    batches = manifest.num_samples // (world_size * B)  # what data.steps_per_epoch computes
+    steps_per_epoch = batches // run.batch.grad_accum  # optimizer steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training split gives {batches} batches of {B} per worker, fewer than "
+            f"gradient_accumulation_steps = {run.batch.grad_accum}: not one optimizer step per epoch"
+        )
+    engine, lr_scheduler, channels_last = build_engine(run, manifest.num_classes, steps_per_epoch)
+    local_sgd = localsgd_ds.attach(
+        engine,
+        steps_per_epoch=steps_per_epoch,
+        config=run.local_sgd,  # parsed once; attach checks it against the engine and resolves it
+        allow_config_change=args.allow_config_change,
+    )
+    return Training(
+        run=run,
+        location=args.data,
+        rank=rank,
+        world_size=world_size,
+        num_classes=manifest.num_classes,
+        steps_per_epoch=steps_per_epoch,
+        engine=engine,
+        lr_scheduler=lr_scheduler,
+        local_sgd=local_sgd,
+        channels_last=channels_last,
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.train.label_smoothing),
+        stop=StopSignal(),
+        ckpt_dir=args.output_dir / "checkpoints",
+    )
+
+
+def open_log(t: Training, output_dir: Path) -> RunLog:
+    """The resolved config (``config.json``), TensorBoard and the run's first line, on rank 0."""
+    config = t.local_sgd.config
+    resolved = t.run.resolved(local_sgd=config, num_classes=t.num_classes)
+    if t.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    log = RunLog(
+        output_dir,
+        enabled=t.rank == 0,
+        purge_step=t.local_sgd.step + 1 if t.local_sgd.step else None,
+        config=resolved,
+        hparams=hparams_of(t.run, config, t.num_classes),
+        local_sgd=config.to_dict(),
+        epochs=t.run.train.epochs,
+    )
+    log.print(describe(t.run, config, t.steps_per_epoch, t.num_classes, t.local_sgd.step))
+    return log
+
+
+def train_one_epoch(t: Training, *, meter: EpochMeter) -> bool:
+    """Train the rest of ``meter.epoch`` (from micro-batch ``meter.batches`` on); True if the ranks agreed
+    to stop."""
+    cfg, engine, local_sgd = t.run.train, t.engine, t.local_sgd
+    loader = data.train_loader(
+        t.location, batch_size=t.run.batch.micro_batch, rank=t.rank, world_size=t.world_size,
+        epoch=meter.epoch, seed=cfg.seed, image_size=cfg.image_size, num_workers=cfg.num_workers,
+        skip_batches=meter.batches, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
+    )  # fmt: skip
     engine.train()
     # The loss sum stays on the device (no sync per step), in float64: exact for float32 losses, so a
     # sum split by a resume equals the uninterrupted one.
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     accum = engine.gradient_accumulation_steps()
-    batch_iter = stop.shielded(loader)  # the loader's worker processes start with SIGTERM blocked
+    batch_iter = t.stop.shielded(loader)  # the loader's worker processes start with SIGTERM blocked
     start = time.perf_counter()
     try:
-        while meter.batches < batches:
+        while meter.batches < t.batches_per_epoch:
             wait = time.perf_counter()
             images, labels = next(batch_iter)
             meter.data_seconds += time.perf_counter() - wait
 
-            images, labels = to_device(images, labels, engine.device, channels_last)
-            loss = criterion(engine(images).float(), labels)
+            images, labels = to_device(images, labels, engine.device, t.channels_last)
+            loss = t.criterion(engine(images).float(), labels)
             engine.backward(loss)
             was_local, syncs = local_sgd.in_local_phase, local_sgd.stats.syncs
             engine.step()  # an optimizer step at every gradient accumulation boundary
@@ -252,9 +277,9 @@ def train_one_epoch(
                 continue
 
             if local_sgd.step % cfg.log_every == 0:
-                log.step(local_sgd.step, loss.item(), current_lr(engine))
+                t.log.step(local_sgd.step, loss.item(), current_lr(engine))
             # The ranks meet after every mSGD step and every sync: only there do they agree to stop.
-            if (not was_local or local_sgd.stats.syncs != syncs) and stop.agreed():
+            if (not was_local or local_sgd.stats.syncs != syncs) and t.stop.agreed():
                 return True
         return False
     finally:
@@ -264,29 +289,39 @@ def train_one_epoch(
         batch_iter.close()
 
 
+def evaluate_epoch(t: Training, *, meter: EpochMeter, minutes: Callable[[], float]) -> EpochRecord:
+    """Collective. Evaluate the global average, then the epoch's record; ``minutes()`` is the run's time."""
+    start = time.perf_counter()
+    with t.local_sgd.averaged(reason="evaluation"):
+        top1, top5 = evaluate(t)
+    return epoch_record(
+        t, meter=meter, top1=top1, top5=top5, eval_s=time.perf_counter() - start, minutes=minutes()
+    )
+
+
 @torch.no_grad()
-def evaluate(engine, run: RunConfig, location: str, channels_last: bool) -> tuple[float, float]:
+def evaluate(t: Training) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) over the whole validation set.
 
-    Ranks may hold different numbers of validation batches: no collective inside the loop, one
-    all-reduce of the counts afterwards (a mean of counts, not of per-rank means).
+    Ranks may hold different numbers of validation batches: no collective inside the loop, the counts
+    summed over ranks afterwards (``data.evaluate_counts``: a mean of counts, not of per-rank means).
     """
-    cfg = run.train
+    cfg, engine = t.run.train, t.engine
     engine.eval()
     loader = data.val_loader(
-        location,
-        batch_size=cfg.eval_batch_size or run.batch.micro_batch,
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
+        t.location,
+        batch_size=cfg.eval_batch_size or t.run.batch.micro_batch,
+        rank=t.rank,
+        world_size=t.world_size,
         resize=cfg.val_resize,
         crop=cfg.val_crop,
         num_workers=cfg.num_workers,
     )
-    counts = torch.zeros(3, dtype=torch.float64, device=engine.device)  # top-1 hits, top-5 hits, images
+    counts = torch.zeros(3, dtype=torch.int64, device=engine.device)  # top-1 hits, top-5 hits, images
     batches = iter(loader)
     try:
         for images, labels in batches:
-            images, labels = to_device(images, labels, engine.device, channels_last)
+            images, labels = to_device(images, labels, engine.device, t.channels_last)
             logits = engine(images)
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
             counts[0] += hits[:, 0].sum()
@@ -294,69 +329,63 @@ def evaluate(engine, run: RunConfig, location: str, channels_last: bool) -> tupl
             counts[2] += labels.numel()
     finally:
         batches.close()  # the loader's thread and worker processes end here, also after an error
-    dist.all_reduce(counts)
-    top1, top5, total = counts.tolist()
+    top1, top5, images = counts.tolist()
+    top1, total = data.evaluate_counts(top1, images)
+    top5, _ = data.evaluate_counts(top5, images)
     return 100.0 * top1 / total, 100.0 * top5 / total
 
 
-def epoch_record(epoch, meter, local_sgd, run, engine, top1, top5, eval_s, minutes) -> EpochRecord:
-    """The epoch's numbers: time split into compute, data wait and communication, and what was sent."""
-    now, then = local_sgd.stats.as_dict(), meter.comm_at_start
-    delta = {key: now[key] - then[key] for key in now}
-    comm_s = delta["seconds"] + delta["grad_allreduce_seconds"]  # averaging + gradient all-reduce
-    loss = torch.tensor([meter.loss_sum, meter.batches], dtype=torch.float64, device=engine.device)
+def epoch_record(
+    t: Training, *, meter: EpochMeter, top1: float, top5: float, eval_s: float, minutes: float
+) -> EpochRecord:
+    """Collective. The epoch's numbers: time split into compute, data wait and communication, and what
+    was sent."""
+    comm = meter.comm_since_start(t.local_sgd.stats)
+    comm_s = comm.seconds + comm.grad_allreduce_seconds  # averaging + gradient all-reduce
+    loss = torch.tensor([meter.loss_sum, meter.batches], dtype=torch.float64, device=t.engine.device)
     dist.all_reduce(loss)  # the mean train loss over every worker's micro-batches
-    steps = meter.batches // run.batch.grad_accum
+    steps = meter.batches // t.run.batch.grad_accum
+    config, step = t.local_sgd.config, t.local_sgd.step
     return EpochRecord(
-        epoch=epoch + 1,
-        step=local_sgd.step,
-        phase="local"
-        if run.local_sgd.is_local_step(local_sgd.step - 1, local_sgd.steps_per_epoch)
-        else "msgd",
-        lr=current_lr(engine),
+        epoch=meter.epoch + 1,
+        step=step,
+        phase="local" if config.is_local_step(step - 1, t.steps_per_epoch) else "msgd",
+        lr=current_lr(t.engine),
         train_loss=float(loss[0] / loss[1]),
         top1=top1,
         top5=top5,
-        images_per_s=steps * run.batch.global_batch / max(meter.train_seconds, 1e-9),
+        images_per_s=steps * t.run.batch.global_batch / max(meter.train_seconds, 1e-9),
         train_s=meter.train_seconds,
         compute_s=max(meter.train_seconds - meter.data_seconds - comm_s, 0.0),
         data_wait_s=meter.data_seconds,
         comm_s=comm_s,
         eval_s=eval_s,
-        syncs=int(delta["syncs"]),
-        bytes_sent=int(delta["bytes"] + delta["grad_allreduce_bytes"]),
-        grad_allreduces=int(delta["grad_allreduces"]),
+        syncs=int(comm.syncs),
+        bytes_sent=int(comm.bytes + comm.grad_allreduce_bytes),
+        grad_allreduces=int(comm.grad_allreduces),
         minutes=minutes,
     )
 
 
-@dataclass
-class Progress:
-    """Where training stands: the epoch to run, the meter of an epoch under way, wall minutes so far."""
-
-    epoch: int = 0
-    meter: EpochMeter | None = None
-    minutes_before: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    def minutes(self) -> float:
-        return self.minutes_before + (time.perf_counter() - self.started) / 60
-
-
-def resume(engine, lr_scheduler, ckpt_dir: Path, tag: str) -> Progress:
-    """Weights, optimizer and the hook's state from DeepSpeed's checkpoint; the rest from client_state."""
-    _, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
-    if lr_scheduler is not None and state["lr_scheduler"] is not None:
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-    ranks, rank, world_size = state["ranks"], dist.get_rank(), dist.get_world_size()
-    if len(ranks) != world_size and any(r["meter"] is not None for r in ranks):
-        raise ConfigError(
-            f"checkpoint {tag} stopped mid-epoch with {len(ranks)} workers; it resumes with {len(ranks)}, not {world_size}"
+def checkpoint(t: Training, progress: Progress, *, next_epoch: int, meter: EpochMeter | None = None) -> str:
+    """Collective. Save a checkpoint: DeepSpeed's files, the hook's state, ``progress`` and every rank's
+    meter and RNG; with ``meter``, epoch ``next_epoch`` is under way and resumes after ``meter.batches``."""
+    with runtime.waiting_for(f"the checkpoint at step {t.local_sgd.step}"):
+        return save_checkpoint(
+            t.engine,
+            t.ckpt_dir,
+            step=t.local_sgd.step,
+            client_state=progress.client_state(next_epoch, meter, t.lr_scheduler),
+            keep_last=t.run.train.keep_last,
         )
-    mine = ranks[rank % len(ranks)]
-    set_rng_state(mine["rng"])
-    meter = None if mine["meter"] is None else EpochMeter.from_state(mine["meter"])
-    return Progress(epoch=state["epoch"], meter=meter, minutes_before=state["minutes"])
+
+
+def stopped(t: Training, where: str, tag: str) -> int:
+    """The end of a run stopped by a signal (every rank agreed, the checkpoint is saved)."""
+    t.log.print(f"stopped by {t.stop.name} {where}: checkpoint {t.ckpt_dir / tag}; rerun with --resume")
+    t.log.close(finished=False)
+    runtime.shutdown()
+    return PREEMPTED_EXIT_CODE
 
 
 def build_engine(run: RunConfig, num_classes: int, steps_per_epoch: int):
@@ -416,63 +445,6 @@ def check_precision(ds_json: dict[str, Any]) -> None:
                 f"torch_autocast.dtype = {autocast.get('dtype')!r} but this {get_accelerator().device_name()} "
                 'device has no bf16: set "torch_autocast": {"enabled": false} for fp32'
             )
-
-
-def gather_rank_states(meter: EpochMeter | None) -> list[dict[str, Any]]:
-    """Collective: every rank's epoch meter and RNG states, indexed by rank."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"rng": rng, "meter": None if meter is None else meter.state_dict()}
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def hparams_of(run: RunConfig, num_classes: int) -> dict[str, Any]:
-    """The run's coordinates in the grid, for TensorBoard's HParams view (T = -1: never switches)."""
-    local, schedule, slowmo = run.local_sgd, run.train.lr_schedule, run.local_sgd.slowmo
-    return {
-        "model": run.train.model,
-        "method": run.method(),
-        "H": local.H,
-        "K": local.K,
-        "T": -1 if local.T is None else local.T,
-        "global_batch": run.batch.global_batch,
-        "schedule": "deepspeed" if schedule is None else schedule.decay,
-        "peak_lr": float("nan") if schedule is None else schedule.peak_lr(run.batch.global_batch),
-        "warmup_epochs": float("nan") if schedule is None else schedule.warmup_epochs,
-        "slowmo_beta": 0.0 if slowmo is None else slowmo.beta,
-        "slowmo_alpha": 1.0 if slowmo is None else slowmo.alpha,
-        "buffers": local.buffers,
-        "momentum": local.momentum,
-        "epochs": run.train.epochs,
-        "num_classes": num_classes,
-    }
-
-
-def describe(run: RunConfig, steps_per_epoch: int, num_classes: int, step: int) -> str:
-    b, local, schedule = run.batch, run.local_sgd, run.train.lr_schedule
-    lr = (
-        "lr from DeepSpeed's scheduler"
-        if schedule is None
-        else f"peak lr {schedule.base_lr:g} x {b.global_batch} / {schedule.reference_batch} = "
-        f"{schedule.peak_lr(b.global_batch):g}"
-    )
-    where = f"resuming at step {step}" if step else "from scratch"
-    return (
-        f"{run.train.model} {run.method()} H={local.H} K={local.K} T={local.T} | "
-        f"batch {b.micro_batch} x {b.world_size} workers x {b.grad_accum} accumulation = {b.global_batch} | "
-        f"{steps_per_epoch} steps/epoch x {run.train.epochs} epochs | {lr} | {num_classes} classes | {where}"
-    )
 
 
 def print_rank0(text: str) -> None:

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 import make_configs  # noqa: E402
-from train_config import RunConfig  # noqa: E402
+from train_config import RunConfig, method_name  # noqa: E402
 
-from localsgd_ds.config import ConfigError  # noqa: E402
+from localsgd_ds.config import ConfigError, check_engine  # noqa: E402
 
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 SWEEP = yaml.safe_load((ROOT / "recipes" / "sweep.yaml").read_text())
@@ -133,8 +133,6 @@ def cpu_config() -> dict:
         (lambda c: c["optimizer"]["params"].update(lr=0.1), "optimizer.params.lr"),
         (lambda c: c.update(train_batch_size=100), "train_batch_size"),
         (lambda c: c["local_sgd"].update(K=8), "local_sgd.K"),
-        (lambda c: c.update(zero_optimization={"stage": 1}), "zero_optimization.stage"),
-        (lambda c: c.update(bf16={"enabled": True}), "bf16.enabled"),
         (lambda c: c.pop("optimizer"), "optimizer"),
         (lambda c: c["train"].update(val_crop=64), "train.val_crop"),
         (lambda c: c["train"].update(lr_schedule={"decay": "step", "milestones": [3, 20]}), "milestones"),
@@ -145,6 +143,49 @@ def test_bad_configs_name_the_key(edit, message):
     edit(config)
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_dict(config, world_size=2)
+
+
+class ParsedEngine:
+    """What localsgd_ds.attach asks of the engine (check_engine), answered by DeepSpeed's own parse of the
+    JSON the recipe hands to deepspeed.initialize."""
+
+    def __init__(self, ds_json: dict, world_size: int, monkeypatch) -> None:
+        from deepspeed.runtime import config as ds_config
+
+        monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+        monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: world_size)
+        self.config = ds_json
+        self._parsed = ds_config.DeepSpeedConfig(copy.deepcopy(ds_json))
+
+    # The engine's own accessors (deepspeed/runtime/engine.py), over the same parse.
+    def zero_optimization_stage(self) -> int:
+        return self._parsed.zero_optimization_stage
+
+    def fp16_enabled(self) -> bool:
+        return self._parsed.float16_config.enabled
+
+    def bfloat16_enabled(self) -> bool:
+        return self._parsed.bfloat16_config.enabled
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(zero_optimization={"stage": 1}), "zero_optimization.stage = 1"),
+        (lambda c: c.update(bf16={"enabled": True}), "bf16.enabled = true"),
+        (lambda c: c.update(fp16={"enabled": True}), "fp16.enabled = true"),
+    ],
+)
+def test_what_the_engine_would_run_is_refused_at_attach_by_key(edit, message, monkeypatch):
+    """The recipe leaves these to attach(config=run.local_sgd), which asks the engine: the same JSON, as
+    DeepSpeed parses it, is refused by key; the shipped config itself is not."""
+    run = RunConfig.from_dict(cpu_config(), world_size=2)
+    check_engine(ParsedEngine(run.deepspeed, 2, monkeypatch), run.local_sgd)
+    config = cpu_config()
+    edit(config)
+    run = RunConfig.from_dict(config, world_size=2)
+    with pytest.raises(ConfigError, match=message):
+        check_engine(ParsedEngine(run.deepspeed, 2, monkeypatch), run.local_sgd)
 
 
 def test_deepspeed_scheduler_is_the_other_home_of_the_lr():
@@ -164,7 +205,7 @@ def test_resolved_config_fills_defaults_and_reloads():
     assert resolved["local_sgd"]["K"] == 2 and resolved["local_sgd"]["slowmo"] is None
     assert resolved["train"]["seed"] == 0 and resolved["train"]["lr_schedule"]["gamma"] == 0.1
     assert RunConfig.from_dict(json.loads(json.dumps(resolved)), world_size=2) == run
-    assert run.method() == "postlocal"
+    assert method_name(run.local_sgd) == "postlocal"
 
 
 # -- pyproject.toml: the install commands of the README install what the code imports ----------------------

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ sys.path.insert(0, str(RECIPES))
 
 import checkpoints  # noqa: E402
 from preemption import StopSignal  # noqa: E402
+
+from localsgd_ds.runtime import free_port  # noqa: E402
 
 EPOCHS, STEPS_PER_EPOCH, H, T = 3, 7, 2, 1  # 240 training images // (16 per worker x 2 workers) = 7 steps
 
@@ -82,12 +83,6 @@ def val_loader(*args, **kwargs):
 data.val_loader = val_loader
 sys.exit(train_imagenet.main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: Path, config: Path, data: str, out: Path, *extra: str, timeout: float = 300):
