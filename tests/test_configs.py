@@ -280,18 +280,52 @@ def _project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
+def _recipe_files(*entries: str) -> list[Path]:
+    """The recipes ``entries`` and the recipes/ modules they import, transitively."""
+    import ast
+
+    todo, seen = [ROOT / "recipes" / name for name in entries], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            todo += [ROOT / "recipes" / f"{n}.py" for n in names if (ROOT / "recipes" / f"{n}.py").is_file()]
+    return sorted(seen)
+
+
+def _library_files() -> list[Path]:
+    return sorted((ROOT / "localsgd_ds").rglob("*.py")) + sorted((ROOT / "data_prep").rglob("*.py"))
+
+
 @pytest.mark.parametrize(
-    ("extra", "folders"),
+    ("extra", "files"),
     [
         # python recipes/quickstart.py: the quickstart, the recipe it launches, data_prep, the library.
-        ("demo", ("recipes", "localsgd_ds", "data_prep")),
+        ("demo", lambda: _recipe_files("quickstart.py", "train_imagenet.py") + _library_files()),
+        # python recipes/study.py: the study runner and its report, the recipe it launches.
+        (
+            "study",
+            lambda: _recipe_files("study.py", "study_report.py", "train_imagenet.py") + _library_files(),
+        ),
         # python -m pytest: the tests and everything they run (the benchmarks' smoke test included).
-        ("test", ("tests", "benchmarks", "recipes", "localsgd_ds", "data_prep")),
+        (
+            "test",
+            lambda: (
+                [p for d in ("tests", "benchmarks", "recipes") for p in sorted((ROOT / d).glob("*.py"))]
+                + _library_files()
+            ),
+        ),
     ],
 )
-def test_readme_install_extras_cover_every_import(extra, folders):
+def test_install_extras_cover_every_import(extra, files):
     project = _project()
     installed = _installed_closure(project["dependencies"] + project["optional-dependencies"][extra])
-    paths = [p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))]
-    missing = {dist: where for dist, where in _imported_distributions(paths).items() if dist not in installed}
+    missing = {
+        dist: where for dist, where in _imported_distributions(files()).items() if dist not in installed
+    }
     assert not missing, f'pip install -e ".[{extra}]" does not install what these files import: {missing}'
