@@ -624,7 +624,7 @@ def readme(study, section, grid, a, files, claims) -> str:
         f"training ({10 * data['train_per_class']}) and {data['val_per_class']} held out per class for validation "
         f"({10 * data['val_per_class']}), written as JPEG class folders and sharded with `data_prep`.",
         f"- **Model**: `{base['train']['model']}` (ResNet-8 with BatchNorm, the paper's family), "
-        f"{base['train']['image_size']} px crops, SGD momentum {base['optimizer']['params']['momentum']}, "
+        f"{base['train'].get('data', base['train']).get('image_size')} px crops of the 28 px digits, SGD momentum {base['optimizer']['params']['momentum']}, "
         f"weight decay {base['optimizer']['params']['weight_decay']}, {E} epochs.",
         f"- **Workers**: K virtual workers in one process (`recipes/train_imagenet.py --virtual K`), "
         f"B = {base['train_micro_batch_size_per_gpu']} images per worker, global batch {base['train_micro_batch_size_per_gpu']} x K; "
