@@ -113,8 +113,18 @@ class StackedReplicas(nn.Module):
         if list(model.parameters(recurse=False)) or list(model.buffers(recurse=False)):
             raise ConfigError("virtual workers: the top-level module holds its own parameters or buffers")
         self.K = K
+        self._shapes = {name: t.shape for name, t in model.state_dict().items()}
         self.net = copy.deepcopy(model)
         _stack_children(self.net, K, "")
+
+    def replica_state_dict(self, r: int) -> dict[str, torch.Tensor]:
+        """Replica ``r``'s weights and buffers as a state dict of the original network (for evaluation with
+        it, export, or comparing with a real run)."""
+        wide = self.net.state_dict()
+        return {
+            name: wide[name].clone() if not shape else wide[name].reshape(self.K, *shape)[r].clone()
+            for name, shape in self._shapes.items()
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K, B = x.shape[:2]
@@ -137,15 +147,3 @@ def replica_view(t: torch.Tensor, K: int) -> torch.Tensor:
     if t.dim() == 0:
         return t.view(1, 1)
     return t.view(K, -1)
-
-
-def unstack_state_dict(stacked: StackedReplicas, model: nn.Module, r: int) -> dict[str, torch.Tensor]:
-    """Replica ``r``'s weights and buffers as a state dict of the original ``model`` (for evaluation with
-    the original network, export, or comparing with a real run)."""
-    out = {}
-    K = stacked.K
-    wide = stacked.net.state_dict()
-    for name, ref in model.state_dict().items():
-        t = wide[name]
-        out[name] = t.clone() if t.dim() == 0 else t.reshape(K, *ref.shape)[r].clone()
-    return out

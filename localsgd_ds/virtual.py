@@ -125,6 +125,10 @@ class VirtualWorkers(LocalSGDPeriods):
         """The hook's face of these workers: ``step`` (the counter), ``stats``, ``config``, ``averaged()``..."""
         return _HookView(self)
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Replica 0's weights as the original network's state dict (inside ``averaged()``: the average)."""
+        return self.module.replica_state_dict(0)
+
     def train(self) -> None:
         self.module.train()
 
@@ -295,3 +299,12 @@ def stacked_batches(
             images.append(x)
             labels.append(y)
         yield torch.stack(images), torch.cat(labels)
+
+
+def init_single_process_group() -> None:
+    """A process group of one (gloo, in memory): the recipe's collectives (the stop check, the evaluation
+    counts, the checkpoint's rank states) then run unchanged in a virtual run, each a no-op."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

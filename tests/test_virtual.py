@@ -9,7 +9,7 @@ from hook_reference import reference
 from tiny import batch, loss_fn, lr_factor, make_model, make_optimizer
 
 from localsgd_ds.config import ConfigError, LocalSGDConfig
-from localsgd_ds.stacked import stack_replicas, unstack_state_dict
+from localsgd_ds.stacked import stack_replicas
 from localsgd_ds.virtual import VirtualWorkers
 
 ATOL = 1e-5  # grouped convolutions and batched matmuls sum in another order than K separate models
@@ -48,7 +48,7 @@ def run_virtual(
             workers.step()
         if s + 1 in forced:
             workers.sync()
-    return workers, [unstack_state_dict(stacked, model, r) for r in range(K)]
+    return workers, [stacked.replica_state_dict(r) for r in range(K)]
 
 
 def assert_close(ours, ref, atol=ATOL):
@@ -99,10 +99,10 @@ def test_slowmo_under_a_schedule_with_groups_and_a_forced_sync():
 
 def test_averaged_holds_the_mean_and_gives_each_replica_its_own_back():
     workers, before = run_virtual(2, 3, {"H": 4, "T": 0}, spe=4)
-    stacked, model = workers.module, make_model(0)
+    stacked = workers.module
     with workers.averaged():
-        inside = unstack_state_dict(stacked, model, 1)
-    after = [unstack_state_dict(stacked, model, r) for r in range(2)]
+        inside = stacked.replica_state_dict(1)
+    after = [stacked.replica_state_dict(r) for r in range(2)]
     torch.testing.assert_close(inside["fc.weight"], (before[0]["fc.weight"] + before[1]["fc.weight"]) / 2)
     assert all(torch.equal(before[r]["fc.weight"], after[r]["fc.weight"]) for r in range(2))
 
