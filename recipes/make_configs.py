@@ -135,7 +135,7 @@ def readme(points: list[Point], sweep: Mapping[str, Any]) -> str:
     """ds_configs/README.md: what the files are, with the batch arithmetic."""
     base = sweep["base"]
     micro, accum = base["train_micro_batch_size_per_gpu"], base.get("gradient_accumulation_steps", 1)
-    schedule = base["train"]["lr_schedule"]
+    schedule, loaders = base["train"]["lr_schedule"], base["train"]["data"]
     lines = [
         "# ds_configs",
         "",
@@ -171,6 +171,9 @@ def readme(points: list[Point], sweep: Mapping[str, Any]) -> str:
         f"reached by a linear warmup from {schedule['base_lr']} over {schedule['warmup_epochs']} epochs, then "
         f"x{schedule['gamma']} at epochs {', '.join(str(m) for m in schedule['milestones'])}.",
         "- BatchNorm statistics averaged at each sync, momentum left local (the reference code's choice).",
+        f"- The loaders' options, `train.data`: {loaders['num_workers']} loader processes per worker, "
+        f"{loaders['image_size']} px RandomResizedCrop + flip for training, validation resized to "
+        f"{loaders['val_resize']} and center-cropped to {loaders['val_crop']}.",
         "",
         "## Batch arithmetic",
         "",
@@ -206,7 +209,7 @@ def readme(points: list[Point], sweep: Mapping[str, Any]) -> str:
         "",
         "## CPU configs",
         "",
-        f"`cpu_*.json`: ResNet-8 on {cpu['train']['image_size']} px crops, "
+        f"`cpu_*.json`: ResNet-8 on {cpu['train']['data']['image_size']} px crops, "
         f'B = {cpu["train_micro_batch_size_per_gpu"]} per worker, K = "auto" (any number of workers), '
         f"{cpu['train']['epochs']} epochs, lr = {cpu_lr['base_lr']} x {cpu['train_micro_batch_size_per_gpu']}K / "
         f"{cpu_lr['reference_batch']} with a {cpu_lr['warmup_epochs']}-epoch warmup and a {cpu_lr['decay']} decay.",

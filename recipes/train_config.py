@@ -8,6 +8,7 @@ reads ``local_sgd``, and the recipe reads ``train``::
       "optimizer": {"type": "SGD", "params": {"momentum": 0.9, "weight_decay": 1e-4}},
       "local_sgd": {"H": 8, "K": 16, "T": 30},
       "train": {"model": "resnet50", "epochs": 90,
+                "data": {"num_workers": 8, "image_size": 224},        # the loaders' options (DataConfig)
                 "lr_schedule": {"base_lr": 0.1, "reference_batch": 256, "warmup_epochs": 5,
                                 "decay": "step", "milestones": [30, 60, 80]}}
     }
@@ -23,11 +24,13 @@ recipe's schedule in epochs) or DeepSpeed's own ``scheduler`` section, never bot
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from localsgd_ds.config import ConfigError, LocalSGDConfig
+from localsgd_ds.data import DataConfig
 from localsgd_ds.models import MODELS
 from localsgd_ds.schedules import LRScheduleConfig
 
@@ -46,18 +49,6 @@ def _bool(block: Mapping[str, Any], key: str, default: bool, where: str) -> bool
     return value
 
 
-def _crop_scale(value: Any) -> tuple[float, float]:
-    ok = (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        and 0 < value[0] <= value[1] <= 1
-    )
-    if not ok:
-        raise ConfigError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {value!r}")
-    return (float(value[0]), float(value[1]))
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``train`` block: what the recipe trains and how it logs and checkpoints. Defaults: Goyal et al."""
@@ -68,50 +59,33 @@ class TrainConfig:
     """Start the last BatchNorm gamma of every residual block at zero (each block starts as the identity)."""
     epochs: int = 90
     """Length of the run in epochs (one epoch = the training set once over all K workers)."""
-    image_size: int = 224
-    """Side of the training crop (RandomResizedCrop + horizontal flip)."""
-    val_resize: int = 256
-    """Validation images are resized to this shorter side, then center-cropped to ``val_crop``."""
-    val_crop: int = 224
-    """Side of the validation center crop."""
-    eval_batch_size: int | None = None
-    """Validation batch per worker; null means ``train_micro_batch_size_per_gpu``."""
+    data: DataConfig = DataConfig()
+    """The loaders' options (``train.data``): loader processes, crops, flips, validation resize and crop,
+    validation batch; see ``localsgd_ds.data.DataConfig``."""
     lr_schedule: LRScheduleConfig | None = LRScheduleConfig()
     """Learning rate in epochs (scaling rule, warmup, decay); null when DeepSpeed's ``scheduler`` is used."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss (0 in Goyal et al.)."""
     channels_last: bool = True
     """Use the channels_last memory format on CUDA (faster convolutions with tensor cores); ignored on CPU."""
-    num_workers: int = 8
-    """Data-loader processes per worker (JPEG decoding and augmentation)."""
     seed: int = 0
     """Seed of the weight initialization (the same on every worker) and of the data order."""
     keep_last: int = 3
     """Number of checkpoints kept in ``<output-dir>/checkpoints`` (older ones are deleted after a save)."""
     log_every: int = 50
     """Optimizer steps between two points of the per-step TensorBoard curves (train loss, lr)."""
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    """Area fraction range of RandomResizedCrop ([0.08, 1] for ImageNet; larger for tiny images)."""
-    hflip: bool = True
-    """Random horizontal flips of the training crops (off for data where a mirror changes the label)."""
 
     KEYS = (
         "model",
         "zero_init_residual",
         "epochs",
-        "image_size",
-        "val_resize",
-        "val_crop",
-        "eval_batch_size",
+        "data",
         "lr_schedule",
         "label_smoothing",
         "channels_last",
-        "num_workers",
         "seed",
         "keep_last",
         "log_every",
-        "crop_scale",
-        "hflip",
     )
 
     @classmethod
@@ -120,6 +94,14 @@ class TrainConfig:
         where = "train"
         if not isinstance(block, Mapping):
             raise ConfigError(f"train must be an object with keys {list(cls.KEYS)}, got {block!r}")
+        moved = [key for key in DataConfig.keys() if key in block]
+        if moved:
+            example = json.dumps({"data": {key: block[key] for key in moved}})
+            raise ConfigError(
+                f"train.{moved[0]} has moved to train.data.{moved[0]}: the loaders' options "
+                f"{list(DataConfig.keys())} are the train.data block now; move {moved} there: "
+                f'"train": {example}'
+            )
         unknown = sorted(set(block) - set(cls.KEYS))
         if unknown:
             raise ConfigError(f"train: unknown key(s) {unknown}; known keys are {list(cls.KEYS)}")
@@ -127,9 +109,6 @@ class TrainConfig:
         model = block.get("model", cls.model)
         if model not in MODELS:
             raise ConfigError(f"train.model must be one of {sorted(MODELS)}, got {model!r}")
-        eval_batch_size = block.get("eval_batch_size")
-        if eval_batch_size is not None:
-            eval_batch_size = _int_at_least(block, "eval_batch_size", None, 1, where)
         smoothing = block.get("label_smoothing", 0.0)
         if (
             not isinstance(smoothing, (int, float))
@@ -148,24 +127,14 @@ class TrainConfig:
             model=model,
             zero_init_residual=_bool(block, "zero_init_residual", cls.zero_init_residual, where),
             epochs=_int_at_least(block, "epochs", cls.epochs, 1, where),
-            image_size=_int_at_least(block, "image_size", cls.image_size, 8, where),
-            val_resize=_int_at_least(block, "val_resize", cls.val_resize, 8, where),
-            val_crop=_int_at_least(block, "val_crop", cls.val_crop, 8, where),
-            eval_batch_size=eval_batch_size,
+            data=DataConfig.from_dict(block.get("data", {}), where="train.data"),
             lr_schedule=lr_schedule,
             label_smoothing=float(smoothing),
             channels_last=_bool(block, "channels_last", cls.channels_last, where),
-            num_workers=_int_at_least(block, "num_workers", cls.num_workers, 0, where),
             seed=_int_at_least(block, "seed", cls.seed, 0, where),
             keep_last=_int_at_least(block, "keep_last", cls.keep_last, 1, where),
             log_every=_int_at_least(block, "log_every", cls.log_every, 1, where),
-            crop_scale=_crop_scale(block.get("crop_scale", list(cls.crop_scale))),
-            hflip=_bool(block, "hflip", cls.hflip, where),
         )
-        if config.val_crop > config.val_resize:
-            raise ConfigError(
-                f"train.val_crop = {config.val_crop} is larger than train.val_resize = {config.val_resize}"
-            )
         if config.lr_schedule is not None and config.lr_schedule.decay == "step":
             late = [m for m in config.lr_schedule.milestones if m >= config.epochs]
             if late:
@@ -177,6 +146,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         resolved = asdict(self)
+        resolved["data"] = self.data.to_dict()
         resolved["lr_schedule"] = None if self.lr_schedule is None else self.lr_schedule.to_dict()
         return resolved
 

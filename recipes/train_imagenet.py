@@ -249,10 +249,15 @@ def train_one_epoch(t: Training, *, meter: EpochMeter) -> bool:
     to stop."""
     cfg, engine, local_sgd = t.run.train, t.engine, t.local_sgd
     loader = data.train_loader(
-        t.location, batch_size=t.run.batch.micro_batch, rank=t.rank, world_size=t.world_size,
-        epoch=meter.epoch, seed=cfg.seed, image_size=cfg.image_size, num_workers=cfg.num_workers,
-        skip_batches=meter.batches, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
-    )  # fmt: skip
+        t.location,
+        batch_size=t.run.batch.micro_batch,
+        rank=t.rank,
+        world_size=t.world_size,
+        epoch=meter.epoch,
+        seed=cfg.seed,
+        skip_batches=meter.batches,
+        config=cfg.data,
+    )
     engine.train()
     # The loss sum stays on the device (no sync per step), in float64: exact for float32 losses, so a
     # sum split by a resume equals the uninterrupted one.
@@ -306,16 +311,14 @@ def evaluate(t: Training) -> tuple[float, float]:
     Ranks may hold different numbers of validation batches: no collective inside the loop, the counts
     summed over ranks afterwards (``data.evaluate_counts``: a mean of counts, not of per-rank means).
     """
-    cfg, engine = t.run.train, t.engine
+    options, engine = t.run.train.data, t.engine
     engine.eval()
     loader = data.val_loader(
         t.location,
-        batch_size=cfg.eval_batch_size or t.run.batch.micro_batch,
+        batch_size=options.eval_batch_size or t.run.batch.micro_batch,
         rank=t.rank,
         world_size=t.world_size,
-        resize=cfg.val_resize,
-        crop=cfg.val_crop,
-        num_workers=cfg.num_workers,
+        config=options,
     )
     counts = torch.zeros(3, dtype=torch.int64, device=engine.device)  # top-1 hits, top-5 hits, images
     batches = iter(loader)

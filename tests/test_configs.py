@@ -134,7 +134,9 @@ def cpu_config() -> dict:
         (lambda c: c.update(train_batch_size=100), "train_batch_size"),
         (lambda c: c["local_sgd"].update(K=8), "local_sgd.K"),
         (lambda c: c.pop("optimizer"), "optimizer"),
-        (lambda c: c["train"].update(val_crop=64), "train.val_crop"),
+        (lambda c: c["train"]["data"].update(val_crop=64), "train.data.val_crop = 64 is larger than"),
+        (lambda c: c["train"]["data"].update(num_workers=-1), "train.data.num_workers must be"),
+        (lambda c: c["train"]["data"].update(workers=2), r"train.data: unknown key\(s\) \['workers'\]"),
         (lambda c: c["train"].update(lr_schedule={"decay": "step", "milestones": [3, 20]}), "milestones"),
     ],
 )
@@ -186,6 +188,28 @@ def test_what_the_engine_would_run_is_refused_at_attach_by_key(edit, message, mo
     run = RunConfig.from_dict(config, world_size=2)
     with pytest.raises(ConfigError, match=message):
         check_engine(ParsedEngine(run.deepspeed, 2, monkeypatch), run.local_sgd)
+
+
+@pytest.mark.parametrize(
+    "key", ["num_workers", "image_size", "crop_scale", "hflip", "val_resize", "val_crop", "eval_batch_size"]
+)
+def test_a_loader_option_in_its_old_place_says_where_it_moved(key):
+    config = cpu_config()
+    data = config["train"].pop("data")
+    config["train"][key] = data.get(key)
+    with pytest.raises(ConfigError, match=rf"train\.{key} has moved to train\.data\.{key}"):
+        RunConfig.from_dict(config, world_size=2)
+
+
+def test_the_data_block_is_the_loaders_config():
+    run = RunConfig.from_dict(cpu_config(), world_size=2)
+    assert (run.train.data.num_workers, run.train.data.image_size, run.train.data.crop_scale) == (
+        1,
+        16,
+        (0.35, 1.0),
+    )
+    assert not run.train.data.hflip and run.train.data.eval_batch_size is None
+    assert run.resolved()["train"]["data"] == {**run.train.data.to_dict(), "crop_scale": [0.35, 1.0]}
 
 
 def test_deepspeed_scheduler_is_the_other_home_of_the_lr():

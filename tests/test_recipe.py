@@ -134,7 +134,8 @@ def config(tmp_path_factory) -> Path:
     config = json.loads((ROOT / "ds_configs" / "cpu_postlocal.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 16
     config["local_sgd"].update(H=H, T=T, slowmo={"beta": 0.5, "alpha": 1.0})
-    config["train"].update(epochs=EPOCHS, num_workers=1, log_every=1, keep_last=2)
+    config["train"].update(epochs=EPOCHS, log_every=1, keep_last=2)
+    config["train"]["data"]["num_workers"] = 1
     path = tmp_path_factory.mktemp("config") / "tiny.json"
     path.write_text(json.dumps(config))
     return path
@@ -289,7 +290,8 @@ def test_deepspeed_scheduler_section_drives_the_lr(shards, tmp_path):
             "warmup_type": "linear",
         },
     }
-    config["train"].update(epochs=1, num_workers=0, log_every=1)
+    config["train"].update(epochs=1, log_every=1)
+    config["train"]["data"]["num_workers"] = 0
     path = tmp_path / "warmup.json"
     path.write_text(json.dumps(config))
     returncode, log = launch(RECIPES / "train_imagenet.py", path, shards, tmp_path / "run")
