@@ -160,21 +160,9 @@ def _shard(args) -> int:
     from localsgd_ds.s3 import redact
 
     start = time.perf_counter()
-    report = shard_dataset(
-        args.src,
-        args.out,
-        samples_per_shard=args.samples_per_shard,
-        shard_mb=args.shard_mb,
-        workers=args.workers,
-        seed=args.seed,
-        strict=args.strict,
-        resize_short_side=args.resize_short_side,
-        jpeg_quality=args.jpeg_quality,
-        splits=args.splits,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        tmp_dir=args.tmp_dir,
-    )
+    # Every option of `shard` is the shard_dataset keyword of the same name, except --no-progress.
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "no_progress")}
+    report = shard_dataset(progress=not args.no_progress, **options)
     for name, result in report.splits.items():
         m = result.manifest
         print(
