@@ -34,6 +34,7 @@ the pieces it calls, each given the ``Training`` it needs (what every epoch of t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -43,20 +44,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from checkpoints import Progress, restore, tag_to_resume
 from checkpoints import save as save_checkpoint
 from deepspeed.accelerator import get_accelerator
+from engines import build_engine, build_virtual
 from preemption import StopSignal
 from run_log import EpochMeter, EpochRecord, RunLog, describe, hparams_of
 from train_config import RunConfig
 
 import localsgd_ds
-from localsgd_ds import data, runtime
+from localsgd_ds import data, runtime, virtual
 from localsgd_ds.config import ConfigError
-from localsgd_ds.models import build_model
 from localsgd_ds.schedules import EpochLRScheduler
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped on a signal, a checkpoint was saved; rerun with --resume
@@ -88,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"itself and what it waited for (default: ${runtime.COLLECTIVE_TIMEOUT_VARIABLE}, "
         f"else {runtime.DEFAULT_COLLECTIVE_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--virtual",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run the experiment as K workers inside this one process, without a launcher, on the CPU or one "
+        "GPU: K model replicas stepped exactly as K real workers (localsgd_ds/virtual.py)",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_args(argv)
 
@@ -97,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The process: this rank's share of the cores, and collectives that fail in time instead of stalling.
     threads = runtime.set_cpu_threads()
-    runtime.init_distributed(timeout_s=runtime.collective_timeout_s(args.collective_timeout))
+    if args.virtual:  # K workers in this process: the recipe's own collectives run on a group of one
+        virtual.init_single_process_group()
+    else:
+        runtime.init_distributed(timeout_s=runtime.collective_timeout_s(args.collective_timeout))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, format="%(name)s: %(message)s"
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Build: the experiment (the JSON), the data's epoch length, the engine with the hook, the run's log.
     run = RunConfig.from_dict(
-        json.loads(Path(args.deepspeed_config).read_text()), world_size=dist.get_world_size()
+        json.loads(Path(args.deepspeed_config).read_text()), world_size=args.virtual or dist.get_world_size()
     )
     resume_tag = tag_to_resume(args.output_dir / "checkpoints", args.resume)
     with runtime.waiting_for("the start (engine, hook, resume)"):
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     with runtime.waiting_for("the final average and the closing barrier"):
         with t.local_sgd.averaged(reason="the final model"):
             if t.rank == 0:
-                torch.save(t.engine.module.state_dict(), args.output_dir / "final_model.pt")
+                model = t.engine.model_state_dict() if t.virtual else t.engine.module.state_dict()
+                torch.save(model, args.output_dir / "final_model.pt")
         t.log.print(
             f"done: {run.train.epochs} epochs in {progress.minutes():.1f} min; tensorboard --logdir {args.output_dir}"
         )
@@ -180,6 +192,9 @@ class Training:
     ckpt_dir: Path
     log: RunLog | None = None
     """Rank 0's lines, metrics.jsonl and TensorBoard; opened after the resume (``open_log``)."""
+    virtual: int | None = None
+    """K virtual workers in this process (``--virtual K``): ``engine`` is ``localsgd_ds.virtual.VirtualWorkers``
+    and each batch holds the K ranks' batches."""
 
     @property
     def batches_per_epoch(self) -> int:
@@ -190,7 +205,8 @@ class Training:
 def build(run: RunConfig, args: argparse.Namespace) -> Training:
     """Collective. The epoch length (from the training split's manifest, read once), the engine (model,
     DeepSpeed's optimizer from the JSON, the LR schedule) and the local SGD hook on it."""
-    rank, world_size, B = dist.get_rank(), dist.get_world_size(), run.batch.micro_batch
+    K, B = args.virtual, run.batch.micro_batch
+    rank, world_size = (0, K) if K else (dist.get_rank(), dist.get_world_size())
     manifest = data.read_manifest(args.data, "train")
     # Every rank runs the same number of batches per epoch, by construction of the loader.
     batches = manifest.num_samples // (world_size * B)  # what data.steps_per_epoch computes
@@ -200,13 +216,17 @@ def build(run: RunConfig, args: argparse.Namespace) -> Training:
             f"the training split gives {batches} batches of {B} per worker, fewer than "
             f"gradient_accumulation_steps = {run.batch.grad_accum}: not one optimizer step per epoch"
         )
-    engine, lr_scheduler, channels_last = build_engine(run, manifest.num_classes, steps_per_epoch)
-    local_sgd = localsgd_ds.attach(
-        engine,
-        steps_per_epoch=steps_per_epoch,
-        config=run.local_sgd,  # parsed once; attach checks it against the engine and resolves it
-        allow_config_change=args.allow_config_change,
-    )
+    if K:
+        engine, lr_scheduler = build_virtual(run, manifest.num_classes, steps_per_epoch, K)
+        local_sgd, channels_last = engine.hook, False
+    else:
+        engine, lr_scheduler, channels_last = build_engine(run, manifest.num_classes, steps_per_epoch)
+        local_sgd = localsgd_ds.attach(
+            engine,
+            steps_per_epoch=steps_per_epoch,
+            config=run.local_sgd,  # parsed once; attach checks it against the engine and resolves it
+            allow_config_change=args.allow_config_change,
+        )
     return Training(
         run=run,
         location=args.data,
@@ -221,6 +241,7 @@ def build(run: RunConfig, args: argparse.Namespace) -> Training:
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.train.label_smoothing),
         stop=StopSignal(),
         ckpt_dir=args.output_dir / "checkpoints",
+        virtual=K,
     )
 
 
@@ -248,15 +269,18 @@ def train_one_epoch(t: Training, *, meter: EpochMeter) -> bool:
     """Train the rest of ``meter.epoch`` (from micro-batch ``meter.batches`` on); True if the ranks agreed
     to stop."""
     cfg, engine, local_sgd = t.run.train, t.engine, t.local_sgd
-    loader = data.train_loader(
-        t.location,
-        batch_size=t.run.batch.micro_batch,
-        rank=t.rank,
-        world_size=t.world_size,
-        epoch=meter.epoch,
-        seed=cfg.seed,
-        skip_batches=meter.batches,
-        config=cfg.data,
+    loader = per_rank(
+        t,
+        lambda rank, options: data.train_loader(
+            t.location,
+            batch_size=t.run.batch.micro_batch,
+            rank=rank,
+            world_size=t.world_size,
+            epoch=meter.epoch,
+            seed=cfg.seed,
+            skip_batches=meter.batches,
+            config=options,
+        ),
     )
     engine.train()
     # The loss sum stays on the device (no sync per step), in float64: exact for float32 losses, so a
@@ -311,14 +335,18 @@ def evaluate(t: Training) -> tuple[float, float]:
     Ranks may hold different numbers of validation batches: no collective inside the loop, the counts
     summed over ranks afterwards (``data.evaluate_counts``: a mean of counts, not of per-rank means).
     """
-    options, engine = t.run.train.data, t.engine
+    engine = t.engine
     engine.eval()
-    loader = data.val_loader(
-        t.location,
-        batch_size=options.eval_batch_size or t.run.batch.micro_batch,
-        rank=t.rank,
-        world_size=t.world_size,
-        config=options,
+    loader = per_rank(
+        t,
+        lambda rank, options: data.val_loader(
+            t.location,
+            batch_size=options.eval_batch_size or t.run.batch.micro_batch,
+            rank=rank,
+            world_size=t.world_size,
+            config=options,
+        ),
+        pad_label=-1,  # virtual workers: ranks' shares differ by a few images; padding is not counted
     )
     counts = torch.zeros(3, dtype=torch.int64, device=engine.device)  # top-1 hits, top-5 hits, images
     batches = iter(loader)
@@ -329,7 +357,7 @@ def evaluate(t: Training) -> tuple[float, float]:
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
             counts[0] += hits[:, 0].sum()
             counts[1] += hits.any(dim=1).sum()
-            counts[2] += labels.numel()
+            counts[2] += (labels >= 0).sum()
     finally:
         batches.close()  # the loader's thread and worker processes end here, also after an error
     top1, top5, images = counts.tolist()
@@ -391,37 +419,13 @@ def stopped(t: Training, where: str, tag: str) -> int:
     return PREEMPTED_EXIT_CODE
 
 
-def build_engine(run: RunConfig, num_classes: int, steps_per_epoch: int):
-    """The DeepSpeed engine: the model on every worker with the same initial weights, DeepSpeed's
-    optimizer built from the JSON's ``optimizer`` section, and the LR schedule DeepSpeed steps."""
-    cfg = run.train
-    check_precision(run.deepspeed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
-    channels_last = cfg.channels_last and get_accelerator().device_name() == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    engine, _, _, lr_scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=model.parameters(),
-        config=run.deepspeed,
-        lr_scheduler=lr_schedule_factory(run, steps_per_epoch),
-    )
-    return engine, lr_scheduler, channels_last
-
-
-def lr_schedule_factory(run: RunConfig, steps_per_epoch: int):
-    """What deepspeed.initialize(lr_scheduler=...) gets: None when DeepSpeed's scheduler section is used."""
-    schedule = run.train.lr_schedule
-    if schedule is None:
-        return None
-    return lambda optimizer: EpochLRScheduler(
-        optimizer,
-        schedule,
-        global_batch=run.batch.global_batch,
-        steps_per_epoch=steps_per_epoch,
-        epochs=run.train.epochs,
-    )
+def per_rank(t: Training, loader: Callable[[int, Any], Any], *, pad_label: int | None = None):
+    """This rank's loader; with K virtual workers, the K ranks' loaders stacked batch by batch (each with
+    its share of the data-loading processes)."""
+    if not t.virtual:
+        return loader(t.rank, t.run.train.data)
+    options = dataclasses.replace(t.run.train.data, num_workers=t.run.train.data.num_workers // t.virtual)
+    return virtual.stacked_batches([loader(r, options) for r in range(t.virtual)], pad_label=pad_label)
 
 
 def to_device(images, labels, device, channels_last: bool):
@@ -433,21 +437,6 @@ def to_device(images, labels, device, channels_last: bool):
 
 def current_lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
-
-
-def check_precision(ds_json: dict[str, Any]) -> None:
-    """bf16 autocast only where the device has bf16 (the study's configs ask for it)."""
-    autocast = ds_json.get("torch_autocast") or {}
-    if autocast.get("enabled") and autocast.get("dtype", "bfloat16") in (
-        "bfloat16",
-        "bf16",
-        "torch.bfloat16",
-    ):
-        if not get_accelerator().is_bf16_supported():
-            raise ConfigError(
-                f"torch_autocast.dtype = {autocast.get('dtype')!r} but this {get_accelerator().device_name()} "
-                'device has no bf16: set "torch_autocast": {"enabled": false} for fp32'
-            )
 
 
 def print_rank0(text: str) -> None:
