@@ -9,6 +9,7 @@ give the largest K that fits a device of a given size::
 
     python benchmarks/bench_virtual.py                          # ResNet-8 and ResNet-18, K = 16, CPU
     python benchmarks/bench_virtual.py --device cuda --models resnet50 --image-size 224 --batch 32
+    python benchmarks/bench_virtual.py --memory-only --models resnet50 --image-size 224 --batch 32   # no timing
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--device-gb", type=float, default=80.0, help="device memory for the largest-K answer"
     )
+    parser.add_argument("--memory-only", action="store_true", help="skip the timing, report the memory")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
           "| virtual / one model | virtual / one after another |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     results = {}
-    for name in args.models:
+    for name in [] if args.memory_only else args.models:
         sides, base, stacked = make_sides(name, args.K, args.batch, args.image_size, device)
         times = time_sides(sides, args.rounds, device)
         vs_one = ratio_stats(times["virtual"], times["one_model"])
@@ -167,8 +169,14 @@ def main(argv: list[str] | None = None) -> None:
           "| activations per image (MB) |")  # fmt: skip
     print("| --- | ---: | ---: | ---: |")
     for name in args.models:
-        r = results[name]
-        per_image = activation_bytes_per_image(MODELS[name]().to(device), args.image_size, device)
+        model = MODELS[name]().to(device)
+        one = sum(p.numel() * p.element_size() for p in model.parameters())
+        r = results.setdefault(name, {"param_bytes_per_replica": one, "stacked_param_bytes": args.K * one})
+        if args.memory_only:  # the stacked network's size, without building its optimizer and batches
+            r["stacked_param_bytes"] = sum(
+                p.numel() * p.element_size() for p in stack_replicas(model, args.K).parameters()
+            )
+        per_image = activation_bytes_per_image(model, args.image_size, device)
         r["activation_bytes_per_image"] = per_image
         print(
             f"| {name} | {3 * r['param_bytes_per_replica'] / 1e6:.1f} "
