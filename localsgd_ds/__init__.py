@@ -18,7 +18,6 @@ from localsgd_ds.config import (
     ConfigError,
     LocalSGDConfig,
     SlowMoConfig,
-    check_deepspeed_settings,
     check_engine,
 )
 from localsgd_ds.hook import LocalSGD, attach
@@ -31,6 +30,5 @@ __all__ = [
     "LocalSGDConfig",
     "SlowMoConfig",
     "attach",
-    "check_deepspeed_settings",
     "check_engine",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 BUFFER_POLICIES = ("average", "broadcast", "local")
@@ -231,54 +231,6 @@ class LocalSGDConfig:
 
 
 # DeepSpeed settings -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrecisionMode:
-    """Where the weights the optimizer steps live, as far as averaging is concerned."""
-
-    name: str
-    """"fp32" or "autocast" (fp32 weights, low-precision compute): either way the weights the optimizer
-    steps are the fp32 module parameters, which is what a sync averages."""
-    notes: tuple[str, ...] = field(default=())
-
-
-def check_deepspeed_settings(ds_config: Mapping[str, Any], local: LocalSGDConfig) -> PrecisionMode:
-    """Refuse, by key, the DeepSpeed settings under which local SGD cannot be correct.
-
-    Only matters when the run has a local phase (``T`` not null); plain mSGD runs anything DeepSpeed runs.
-    """
-    zero = ds_config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
-    fp16 = ds_config.get("fp16") or {}
-    bf16 = ds_config.get("bf16") or ds_config.get("bfloat16") or {}
-    autocast = ds_config.get("torch_autocast") or {}
-    fp16_on = isinstance(fp16, Mapping) and bool(fp16.get("enabled", False))
-    bf16_on = isinstance(bf16, Mapping) and bool(bf16.get("enabled", False))
-    autocast_on = isinstance(autocast, Mapping) and bool(autocast.get("enabled", False))
-    mode = PrecisionMode("autocast" if autocast_on else "fp32")
-    if not local.uses_local_phase:
-        return mode
-    if stage and stage >= 1:
-        raise ConfigError(
-            f"zero_optimization.stage = {stage} cannot run local SGD: ZeRO partitions the optimizer state "
-            "(stage 2 also the gradients) so each rank updates only its shard and all-gathers the rest every "
-            "step; no independent local model exists. Use stage 0, or set local_sgd.T = null for mSGD."
-        )
-    if fp16_on:
-        raise ConfigError(
-            "fp16.enabled = true cannot run local SGD: DeepSpeed's fp16 optimizer all-reduces its overflow flag "
-            "over all ranks on every step, which couples the workers in the local phase. "
-            'Use "torch_autocast": {"enabled": true, "dtype": "float16"} (fp32 weights, a loss scaler per worker).'
-        )
-    if bf16_on:
-        raise ConfigError(
-            "bf16.enabled = true cannot run local SGD: DeepSpeed keeps bf16 weights with fp32 masters in a "
-            "wrapper optimizer that either all-reduces an overflow check over all ranks every step (stage 0) or "
-            "partitions the masters across ranks like ZeRO-1 (BF16_Optimizer); neither leaves a local model. "
-            'Use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute).'
-        )
-    return mode
 
 
 def ds_config_dict(engine: Any) -> Mapping[str, Any]:

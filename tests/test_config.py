@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localsgd_ds.averaging import _buckets
-from localsgd_ds.config import ConfigError, LocalSGDConfig, SlowMoConfig, check_deepspeed_settings
+from localsgd_ds.config import ConfigError, LocalSGDConfig, SlowMoConfig
 
 
 def test_defaults_are_msgd():
@@ -70,29 +70,6 @@ def test_schedule_first_sync_is_H_steps_after_the_switch():
     assert [n for n in range(1, 21) if cfg.sync_due(n, 5)] == [13, 16, 19]
     never = LocalSGDConfig.from_dict({"H": 3, "T": None})
     assert not any(never.is_local_step(s, 5) or never.sync_due(s, 5) for s in range(50))
-
-
-@pytest.mark.parametrize(
-    "ds, key",
-    [
-        ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage = 1"),
-        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3"),
-        ({"bf16": {"enabled": True}}, "bf16.enabled = true"),
-        ({"fp16": {"enabled": True}}, "fp16.enabled = true"),
-    ],
-)
-def test_deepspeed_settings_without_a_local_model_are_refused(ds, key):
-    local = LocalSGDConfig.from_dict({"H": 2, "T": 0})
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        check_deepspeed_settings(ds, local)
-    # plain mSGD runs whatever DeepSpeed runs
-    assert check_deepspeed_settings(ds, LocalSGDConfig.from_dict({"T": None})).name in ("fp32", "autocast")
-
-
-def test_autocast_is_accepted():
-    local = LocalSGDConfig.from_dict({"H": 2, "T": 0})
-    mode = check_deepspeed_settings({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, local)
-    assert mode.name == "autocast"
 
 
 def test_buckets_are_bounded_and_split_by_dtype():
