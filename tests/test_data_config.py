@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -112,3 +113,26 @@ def test_importing_the_loaders_registers_s3_for_webdataset_without_importing_it(
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+class _HangingStream(torch.utils.data.IterableDataset):
+    """One batch, then a worker that hangs without dying (as a worker deadlocked after fork would)."""
+
+    options = DataConfig(num_workers=1)
+    with_keys = False
+    skip_batches = 0
+
+    def __iter__(self):
+        yield 0, torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), (), []
+        time.sleep(120)
+
+
+def test_a_hanging_loader_worker_fails_in_time(monkeypatch):
+    from localsgd_ds.data.loaders import ShardLoader
+
+    monkeypatch.setenv("LOCALSGD_LOADER_TIMEOUT", "2")
+    loader = ShardLoader(_HangingStream(), length=2, exact=True, pin_memory=False)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out"):
+        list(loader)
+    assert time.monotonic() - start < 60

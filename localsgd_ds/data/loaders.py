@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -30,6 +31,26 @@ from localsgd_ds.data.streams import TrainStream, ValStream
 from localsgd_ds.data.transforms import normalize
 
 KEYWORD_DEFAULTS = DataConfig(num_workers=2)
+
+WORKER_TIMEOUT_VARIABLE = "LOCALSGD_LOADER_TIMEOUT"
+DEFAULT_WORKER_TIMEOUT_S = 600.0
+"""How long a loader waits for its worker processes' next batch before it fails (a worker that hangs
+without dying, for example deadlocked after fork, would otherwise block its rank forever while the other
+ranks wait in their next collective). Long enough for a first read from slow object storage."""
+
+
+def worker_timeout_s() -> float:
+    """``$LOCALSGD_LOADER_TIMEOUT`` seconds, else 600."""
+    value = os.environ.get(WORKER_TIMEOUT_VARIABLE, "").strip()
+    try:
+        seconds = float(value) if value else DEFAULT_WORKER_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{WORKER_TIMEOUT_VARIABLE}={value!r}: must be a number of seconds > 0") from None
+    if not seconds > 0:
+        raise ValueError(f"{WORKER_TIMEOUT_VARIABLE}={value!r}: must be a number of seconds > 0")
+    return seconds
+
+
 """The options of a loader called without ``config``: the keyword defaults the loaders always had."""
 
 
@@ -75,6 +96,8 @@ class ShardLoader:
             collate_fn=_identity,
             worker_init_fn=_init_worker,
             prefetch_factor=2 if self.num_workers else None,
+            # A worker that stops producing fails this loader in time instead of blocking the rank.
+            timeout=worker_timeout_s() if self.num_workers else 0,
         )
         batches = iter(loader)
         # Workers send uint8 batches; a thread of this process converts them to normalized float32
