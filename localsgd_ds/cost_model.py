@@ -151,15 +151,7 @@ def _prediction(
     """A step of compute plus ``comm_s``; an epoch of ImageNet at a global batch of B x ``gpus``."""
     step = work.compute_s + comm_s
     n = steps_per_epoch(work, gpus)
-    return Prediction(
-        workers=workers,
-        H=H,
-        step_s=step,
-        comm_s=comm_s,
-        wire_bytes_per_step=wire,
-        steps_per_epoch=n,
-        epoch_s=n * step,
-    )
+    return Prediction(workers, H, step, comm_s, wire, n, n * step)  # the fields in their order
 
 
 def predict_nodes(
@@ -352,12 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency-us", type=float, default=10.0, help="per-hop latency in us (default 10)")
     parser.add_argument("--nodes", type=int, default=32, help="nodes for the node-worker table (default 32)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    parser.add_argument(
-        "--intra-gbit",
-        type=float,
-        default=2400.0,
-        help="per-GPU bandwidth inside a node in Gbit/s (default 2400: NVLink, 300 GB/s each way)",
-    )
+    intra_help = "per-GPU bandwidth inside a node in Gbit/s (default 2400: NVLink, 300 GB/s each way)"
+    parser.add_argument("--intra-gbit", type=float, default=2400.0, help=intra_help)
     args = parser.parse_args(argv)
 
     compute_s, batch, source = args.compute_s, args.batch, "assumed (--compute-s)"

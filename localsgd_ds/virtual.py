@@ -84,13 +84,9 @@ class VirtualWorkers(LocalSGDPeriods):
             raise ConfigError(
                 "virtual workers: local_sgd.ranks_per_worker must be 1 (a replica is one worker)"
             )
-        self.K = stacked.K
-        self.module = stacked
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.gradient_clipping = gradient_clipping
-        self.gas = gradient_accumulation_steps
-        self._micro = 0
+        self.K, self.module, self.optimizer, self.lr_scheduler = stacked.K, stacked, optimizer, lr_scheduler
+        self.gradient_clipping, self.gas = gradient_clipping, gradient_accumulation_steps
+        self._micro = 0  # micro-batches seen: an optimizer step at every gradient_accumulation_steps-th
         self._init_periods(
             config.resolve(self.K, local_size=1),
             steps_per_epoch,
