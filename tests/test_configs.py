@@ -22,18 +22,34 @@ CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 SWEEP = yaml.safe_load((ROOT / "recipes" / "sweep.yaml").read_text())
 
 
+GPUS_PER_NODE = SWEEP["commit"]["nodes"]["gpus_per_node"]
+
+
+def ranks_per_worker_of(config: dict) -> int:
+    """GPUs per worker as a number ("node": the sweep's GPUs per node, what the file was written for)."""
+    r = config["local_sgd"].get("ranks_per_worker", 1)
+    return GPUS_PER_NODE if r == "node" else r
+
+
 def world_size_of(config: dict) -> int:
+    """The GPUs the file is launched on: K workers x GPUs per worker (2 for K = "auto")."""
     K = config["local_sgd"].get("K", "auto")
-    return 2 if K == "auto" else K
+    return 2 if K == "auto" else K * ranks_per_worker_of(config)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path, monkeypatch):
     config = json.loads(path.read_text())
     K = world_size_of(config)
+    r = ranks_per_worker_of(config)
     run = RunConfig.from_dict(config, world_size=K)
-    assert run.local_sgd.K == K
-    assert run.batch.global_batch == config["train_micro_batch_size_per_gpu"] * K
+    # What attach resolves: "node" from the launcher's local world size, then K = world size / ranks per worker.
+    hook = run.local_sgd.resolve(K, local_size=r)
+    assert hook.ranks_per_worker == r and hook.K * r == K
+    # Batch arithmetic: 32 per GPU x world size x accumulation; the lr follows the global batch.
+    accum = config.get("gradient_accumulation_steps", 1)
+    assert run.batch.global_batch == config["train_micro_batch_size_per_gpu"] * K * accum
+    assert run.batch.global_batch == config.get("train_batch_size", run.batch.global_batch)  # cpu_*: no total
 
     # DeepSpeed's own parser accepts it at its world size (it asserts the batch arithmetic).
     from deepspeed.runtime import config as ds_config
@@ -51,10 +67,14 @@ def test_file_name_says_model_method_H_K_T(path):
     config = json.loads(path.read_text())
     model, method, H, K, T = path.stem.split("_")
     local = config["local_sgd"]
+    r = ranks_per_worker_of(config)
     assert config["train"]["model"] == model
-    assert H == f"H{local['H']}" and K == f"K{local['K']}"
+    assert H == f"H{local['H']}" and K == (f"K{local['K']}" if r == 1 else f"K{local['K']}x{r}")
     assert T == f"T{'none' if local['T'] is None else local['T']}"
-    assert config["train_batch_size"] == 32 * local["K"]  # 32 images per worker x K
+    assert local.get("ranks_per_worker", 1) in (1, "node")  # the shipped grid: a GPU or a node per worker
+    assert (
+        config["train_batch_size"] == 32 * local["K"] * r
+    )  # 32 images per GPU x K workers x GPUs per worker
     if method.startswith("slowmo"):
         assert method == f"slowmo-beta{local['slowmo']['beta']:g}" and local["T"] == 0
     else:
@@ -77,12 +97,42 @@ def test_the_committed_grid_is_complete():
                     n.startswith(f"{model}_slowmo-beta") and n.endswith(f"_H{H}_K{K}_T0") for n in names
                 )
     assert {"cpu_msgd", "cpu_local", "cpu_postlocal", "cpu_slowmo"} <= names
+    # Workers that are nodes: K = 8 and 16 nodes x 8 GPUs for ResNet-50, with their mSGD baselines.
+    for K in (8, 16):
+        for H in (4, 8, 16, 32):
+            assert f"resnet50_local_H{H}_K{K}x8_T0" in names
+        assert f"resnet50_postlocal_H8_K{K}x8_T30" in names
+        assert f"resnet50_msgd_H1_K{K * 8}_Tnone" in names
+
+
+@pytest.mark.parametrize(("K", "world", "batch", "lr"), [(8, 64, 2048, 0.8), (16, 128, 4096, 1.6)])
+def test_node_workers_count_workers_and_gpus_apart(K, world, batch, lr):
+    """32 per GPU x 8 GPUs x K nodes: the batch and the lr follow the GPUs, K (and H x K) the nodes; the
+    same global batch and lr as the one-GPU-per-worker file of that world size."""
+    node = json.loads((ROOT / "ds_configs" / f"resnet50_local_H8_K{K}x8_T0.json").read_text())
+    gpu = make_configs.config_for(make_configs.Point("resnet50", "local", 8, world, 0), SWEEP)
+    assert node["local_sgd"]["ranks_per_worker"] == "node" and "ranks_per_worker" not in gpu["local_sgd"]
+    run = RunConfig.from_dict(node, world_size=world)
+    assert run.batch.global_batch == node["train_batch_size"] == batch
+    assert run.train.lr_schedule.peak_lr(batch) == pytest.approx(lr)
+    hook = run.local_sgd.resolve(world, local_size=8)
+    assert (hook.K, hook.ranks_per_worker, hook.H * hook.K) == (K, 8, 8 * K)
+    # Everything but the split is the GPU-worker file's.
+    for config in (node, gpu):
+        config["local_sgd"].pop("ranks_per_worker", None)
+        config["local_sgd"].pop("K")
+    assert node == gpu
+    with pytest.raises(ConfigError, match="local_sgd.K = "):  # launched on the wrong number of nodes
+        run.local_sgd.resolve(world, local_size=4)
 
 
 def test_generator_reproduces_the_committed_files():
     assert make_configs.main(["--check"]) == 0
     readme = (ROOT / "ds_configs" / "README.md").read_text()
-    assert "32 x 64 x 1 = 2048" in readme and "`resnet101_postlocal_H16_K64_T60.json`" in readme
+    assert "32 per GPU x 64 GPUs x 1 = 2048" in readme and "`resnet101_postlocal_H16_K64_T60.json`" in readme
+    assert "# 32 per GPU x 8 GPUs x 8 nodes = 2048" in readme and "lr = 0.1 * 2048 / 256" in readme
+    assert "32 per GPU x 8 GPUs x 16 nodes x 1 = 4096" in readme
+    assert "`resnet50_local_H8_K8x8_T0.json` | resnet50 | local | 8 | 8 | 8 (node) | 0 |  | 2048 |" in readme
 
 
 def test_generator_writes_any_point_on_demand(tmp_path):
@@ -112,10 +162,34 @@ def test_generator_writes_any_point_on_demand(tmp_path):
 
     points = make_configs.all_points(SWEEP)
     assert len(points) == 2 * 6 * (1 + 5 + 5 * 3 + 5 * 3)  # models x K x (msgd, local, postlocal, slowmo)
+    assert {p.world_size for p in make_configs.all_points(SWEEP, "node", 8)} == {
+        8 * K for K in SWEEP["workers"]
+    }
     with pytest.raises(SystemExit):
         make_configs.main(
             ["--model", "resnet50", "--method", "local", "--H", "1", "--K", "8", "--out", str(tmp_path)]
         )
+
+
+@pytest.mark.parametrize(
+    ("ranks", "name", "world", "written"),
+    [
+        (["--ranks-per-worker", "node"], "resnet50_local_H8_K32x8_T0", 256, "node"),
+        (["--ranks-per-worker", "node", "--gpus-per-node", "4"], "resnet50_local_H8_K32x4_T0", 128, "node"),
+        (["--ranks-per-worker", "2"], "resnet50_local_H8_K32x2_T0", 64, 2),
+        ([], "resnet50_local_H8_K32_T0", 32, None),
+    ],
+)
+def test_generator_ranks_per_worker(tmp_path, ranks, name, world, written):
+    args = ["--model", "resnet50", "--method", "local", "--H", "8", "--K", "32", "--out", str(tmp_path)]
+    assert make_configs.main(args + ranks) == 0
+    config = json.loads((tmp_path / f"{name}.json").read_text())
+    assert config["local_sgd"].get("ranks_per_worker") == written
+    assert config["train_batch_size"] == 32 * world  # 32 per GPU x world size
+    run = RunConfig.from_dict(config, world_size=world)
+    assert run.local_sgd.resolve(world, local_size=world // 32).K == 32
+    with pytest.raises(SystemExit):
+        make_configs.main(args + ["--ranks-per-worker", "0"])
 
 
 def cpu_config() -> dict:
