@@ -4,9 +4,10 @@ Rank 0 writes everything into the output folder; on other ranks every call does 
 axis is the optimizer step (after a resume, points past the checkpoint are purged, so curves never
 double). Scalars (``TAGS``): rank 0's train loss and the lr every ``log_every`` steps; per epoch the train loss,
 top-1/top-5, images/s, the epoch's seconds split into compute, data wait and communication (gradient
-all-reduce in the mSGD phase, averaging in the local phase), syncs and bytes sent, and the phase, H, K
-and T. Also the resolved config as text, and the run's hyperparameters with its latest accuracy and
-time in the HParams view, so the runs of a grid compare side by side::
+all-reduce in the mSGD phase, averaging in the local phase), syncs and bytes sent (split into the bytes
+among a worker's own ranks and the bytes across workers: what crosses the slow link when a worker is a
+node), and the phase, H, K and T. Also the resolved config as text, and the run's hyperparameters with
+its latest accuracy and time in the HParams view, so the runs of a grid compare side by side::
 
     tensorboard --logdir runs        # one run per output folder
 
@@ -39,6 +40,8 @@ EPOCH_TAGS = (
     "comm/syncs",
     "comm/bytes_sent",
     "comm/grad_allreduces",
+    "comm/bytes_inside_workers",
+    "comm/bytes_across_workers",
     "local_sgd/phase",
     "local_sgd/H",
     "local_sgd/K",
@@ -117,11 +120,18 @@ class EpochRecord:
     """Averagings during the epoch's training and evaluation (the scheduled ones, and the one that makes
     the evaluated model the global average: BatchNorm statistics even in the mSGD phase)."""
     bytes_sent: int
-    """Bytes this rank put into collectives this epoch (gradient all-reduce + averaging)."""
+    """Bytes this rank put into collectives this epoch (gradient all-reduces + averaging):
+    ``bytes_inside_workers + bytes_across_workers``."""
     grad_allreduces: int
     """Gradient all-reduces this epoch (one per mSGD step)."""
     minutes: float
     """Wall minutes of the run so far (training and evaluation, summed over resumes)."""
+    bytes_inside_workers: int = 0
+    """Of ``bytes_sent``, those among this rank's own worker's ranks (gradients on local steps, the
+    in-worker half of a sync); 0 with one rank per worker."""
+    bytes_across_workers: int = 0
+    """Of ``bytes_sent``, those in collectives that span workers (mSGD gradients, syncs): what crosses
+    the network between nodes when a worker is a node."""
 
     def line(self, epochs: int) -> str:
         return (
@@ -129,8 +139,14 @@ class EpochRecord:
             f"top1 {self.top1:6.2f} top5 {self.top5:6.2f} | {self.images_per_s:7.0f} img/s | "
             f"{self.train_s:6.1f}s (compute {self.compute_s:.1f}, data {self.data_wait_s:.1f}, "
             f"comm {self.comm_s:.1f}) eval {self.eval_s:.1f}s | {self.syncs} syncs, "
-            f"{self.bytes_sent / 2**20:.1f} MiB | lr {self.lr:.4g}"
+            f"{self.bytes_sent / 2**20:.1f} MiB{self._across()} | lr {self.lr:.4g}"
         )
+
+    def _across(self) -> str:
+        """With workers of several ranks, how much of the bytes crossed workers."""
+        if not self.bytes_inside_workers:
+            return ""
+        return f" ({self.bytes_across_workers / 2**20:.1f} across workers)"
 
 
 class RunLog:
@@ -196,6 +212,8 @@ class RunLog:
             "comm/syncs": record.syncs,
             "comm/bytes_sent": record.bytes_sent,
             "comm/grad_allreduces": record.grad_allreduces,
+            "comm/bytes_inside_workers": record.bytes_inside_workers,
+            "comm/bytes_across_workers": record.bytes_across_workers,
             "local_sgd/phase": 1.0 if record.phase == "local" else 0.0,
             "local_sgd/H": self.local_sgd["H"],
             "local_sgd/K": self.local_sgd["K"],
@@ -228,9 +246,14 @@ def describe(
         f"{schedule.peak_lr(b.global_batch):g}"
     )
     where = f"resuming at step {step}" if step else "from scratch"
+    r = local_sgd.ranks_per_worker
+    # Workers and ranks apart: the batch counts ranks (K workers x r ranks each).
+    ranks = (
+        f"{b.world_size} workers" if r == 1 else f"{b.world_size} ranks ({local_sgd.K} workers x {r} ranks)"
+    )
     return (
         f"{run.train.model} {method_name(local_sgd)} H={local_sgd.H} K={local_sgd.K} T={local_sgd.T} | "
-        f"batch {b.micro_batch} x {b.world_size} workers x {b.grad_accum} accumulation = {b.global_batch} | "
+        f"batch {b.micro_batch} x {ranks} x {b.grad_accum} accumulation = {b.global_batch} | "
         f"{steps_per_epoch} steps/epoch x {run.train.epochs} epochs | {lr} | {num_classes} classes | {where}"
     )
 
@@ -243,6 +266,7 @@ def hparams_of(run: RunConfig, local_sgd: LocalSGDConfig, num_classes: int) -> d
         "method": method_name(local_sgd),
         "H": local_sgd.H,
         "K": local_sgd.K,
+        "ranks_per_worker": local_sgd.ranks_per_worker,
         "T": -1 if local_sgd.T is None else local_sgd.T,
         "global_batch": run.batch.global_batch,
         "schedule": "deepspeed" if schedule is None else schedule.decay,

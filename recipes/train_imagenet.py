@@ -392,9 +392,11 @@ def epoch_record(
         comm_s=comm_s,
         eval_s=eval_s,
         syncs=int(comm.syncs),
-        bytes_sent=int(comm.bytes + comm.grad_allreduce_bytes),
+        bytes_sent=int(comm.bytes_inside_workers + comm.bytes_across_workers),  # all collectives, split below
         grad_allreduces=int(comm.grad_allreduces),
         minutes=minutes,
+        bytes_inside_workers=int(comm.bytes_inside_workers),
+        bytes_across_workers=int(comm.bytes_across_workers),
     )
 
 
