@@ -372,7 +372,8 @@ def epoch_record(
     """Collective. The epoch's numbers: time split into compute, data wait and communication, and what
     was sent."""
     comm = meter.comm_since_start(t.local_sgd.stats)
-    comm_s = comm.seconds + comm.grad_allreduce_seconds  # averaging + gradient all-reduce
+    # averaging + gradient all-reduce (all ranks in mSGD, a worker's ranks in the local phase)
+    comm_s = comm.seconds + comm.grad_allreduce_seconds + comm.worker_grad_allreduce_seconds
     loss = torch.tensor([meter.loss_sum, meter.batches], dtype=torch.float64, device=t.engine.device)
     dist.all_reduce(loss)  # the mean train loss over every worker's micro-batches
     steps = meter.batches // t.run.batch.grad_accum
