@@ -118,7 +118,7 @@ def expand_grid(section: Mapping[str, Any]) -> list[RunSpec]:
     runs = []
     epochs, seeds, default_schedule = section["epochs"], section["seeds"], section["schedule"]
     for group, g in section.get("groups", {}).items():
-        for schedule in g.get("schedules", [default_schedule]):
+        for schedule in [*g.get("schedules", [default_schedule]), *g.get("added", [])]:
             for H in g["H"]:
                 for K in g["K"]:
                     for T in g["T"]:

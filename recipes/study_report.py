@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import study_rules as rules
-from study import ROOT, Results, RunSpec, pick_lr_multipliers, point, slowmo_arms
 
 from localsgd_ds.cost_model import Link, Workload, predict
+from study import ROOT, Results, RunSpec, pick_lr_multipliers, point, slowmo_arms
 
 NOT_RUN = "not run"
 HEADLINE = "headline.png"
@@ -132,6 +132,20 @@ def modelled_minutes(cm: Mapping[str, Any], H: int, K: int, T: int | None, epoch
     local = predict(work, workers=K, link=link, H=H).epoch_s if T is not None else msgd
     switch = epochs if T is None else T
     return (switch * msgd + (epochs - switch) * local) / 60
+
+
+def warmup_is_a_no_op(study: Mapping[str, Any], name: str, K: int) -> bool:
+    """True when a schedule's warmup cannot change the LR at this K: the recipe's warmup starts at base_lr
+    (unless warmup_start_lr is set) and ends at base_lr x global batch / reference_batch, equal when the
+    global batch B x K is the reference batch."""
+    sched, lr = study["schedules"][name], study["base"]["train"]["lr_schedule"]
+    start = sched.get("warmup_start_lr", lr.get("warmup_start_lr"))
+    global_batch = (
+        study["base"]["train_micro_batch_size_per_gpu"]
+        * K
+        * study["base"].get("gradient_accumulation_steps", 1)
+    )
+    return bool(sched.get("warmup_epochs")) and start is None and global_batch == lr["reference_batch"]
 
 
 # -- the claims ---------------------------------------------------------------------------------------------
@@ -251,10 +265,21 @@ def analyse(section: Mapping[str, Any], runs: Runs) -> dict[int, dict[str, Any]]
     sc = groups.get("schedule")
     if sc:
         H, K, T = sc["H"][0], sc["K"][0], sc["T"][0]
-        names = [section["schedule"], *sc["schedules"]]
+        names = [section["schedule"], *sc["schedules"], *sc.get("added", [])]
         arms5 = {n: final(runs.records(H, K, T, schedule=n)) for n in names}
-        ok = all(enough(v) for v in arms5.values())
-        v5 = rules.claim5_rule(arms5) if ok else missing(5, "schedule arms incomplete")
+        first = {n: arms5[n] for n in [section["schedule"], *sc["schedules"]]}
+        ok = all(enough(v) for v in first.values())
+        # The verdict is the rule on the arms planned before any result; arms added later are evidence.
+        v5 = rules.claim5_rule(first) if ok else missing(5, "schedule arms incomplete")
+        if ok and sc.get("added") and all(enough(arms5[n]) for n in sc["added"]):
+            v5.evidence["with_added_arms"] = {
+                "arms": sc["added"],
+                "verdict": rules.claim5_rule(arms5).verdict,
+                **{k: v for k, v in rules.claim5_rule(arms5).evidence.items() if k != "top1_mean_std"},
+            }
+        no_op = [n for n in names if warmup_is_a_no_op(runs.results.study, n, K)]
+        if no_op:
+            v5.evidence["warmup_is_a_no_op"] = no_op
         table = ["| schedule | final top-1 % |", "| --- | ---: |"] + [
             f"| {n} | {fmt(v)} |" for n, v in arms5.items()
         ]
@@ -280,6 +305,11 @@ def analyse(section: Mapping[str, Any], runs: Runs) -> dict[int, dict[str, Any]]
                 arms8[name] = recs
                 table.append(f"| {name}{'' if beta is None else f' (beta {beta:g})'} | {chosen[name]:g} | "
                              f"{fmt(final(recs))} | {total_bytes(recs) / 2**20:.2f} |")  # fmt: skip
+                if beta is None and chosen[name] != 1.0:  # the same arm at the scaling rule's LR, if it ran
+                    plain = runs.records(H, K, 0)
+                    if plain:
+                        table.append(f"| {name} at the untuned multiplier (for reference) | 1 | {fmt(final(plain))} | "
+                                     f"{total_bytes(plain) / 2**20:.2f} |")  # fmt: skip
             for s in sm["settings"]:
                 loc, slo = arms8[f"local H={s['H']} K={s['K']}"], arms8[f"slowmo H={s['H']} K={s['K']}"]
                 if enough(loc, slo):
@@ -586,7 +616,21 @@ def _evidence_line(c: int, v: rules.Verdict) -> str:
         return (f"Spearman(T, top-1) = {e['spearman_T_top1']:.3f}; mSGD vs T = 0: p = {e['msgd_vs_T0_p']:.3f}; "
                 f"modelled time increases with T: {e['time_increases_with_T']}.")  # fmt: skip
     if c == 5:
-        return f"Range {e['range_points']:.2f} points ({e['best']} best, {e['worst']} worst, p = {e['best_vs_worst_p']:.3f})."
+        text = f"Range {e['range_points']:.2f} points ({e['best']} best, {e['worst']} worst, p = {e['best_vs_worst_p']:.3f})."
+        if e.get("warmup_is_a_no_op"):
+            text += (
+                f" The warmup of {', '.join(e['warmup_is_a_no_op'])} changes nothing here: the recipe's warmup starts at "
+                "base_lr (Goyal et al.) and at this K the global batch equals reference_batch, so the peak is "
+                "base_lr too; those arms repeat step-w0 exactly (the same numbers by construction)."
+            )
+        if e.get("with_added_arms"):
+            w = e["with_added_arms"]
+            text += (
+                f" Arms added after the first full run showed that (warmup from 0, {', '.join(w['arms'])}): with them "
+                f"the same rule says {w['verdict']} (range {w['range_points']:.2f}, {w['best']} best, {w['worst']} "
+                f"worst, p = {w['best_vs_worst_p']:.3f}); the verdict above is the rule on the arms planned first."
+            )
+        return text
     if c == 6:
         return (
             "Pattern (gain > 0, gap < 0) per T: "
@@ -639,7 +683,7 @@ def readme(study, section, grid, a, files, claims) -> str:
         f"ring all-reduce, {cm['gbit']:g} Gbit/s, **{cm['compute_s'] * 1000:g} ms of compute per step assumed** "
         "(no GPU measured it here).",
         "",
-        "**What this can and cannot show.** A 2-core CPU run of a small network on 4,000 digits can show the "
+        f"**What this can and cannot show.** A 2-core CPU run of a small network on {10 * data['train_per_class']:,} digits can show the "
         "*direction* of the accuracy effects of H, K, T, schedules and SlowMo with the exact semantics of K real "
         "workers (virtual workers are tested equal to real multi-process runs). It cannot show their size on "
         "ImageNet / ResNet-50 (an easy task leaves little room to lose accuracy; few steps per epoch at large K), "
