@@ -279,6 +279,8 @@ class Runner:
     device: str
     threads: int
     on_epoch: Callable[[], None] = lambda: None
+    trained: list[str] = field(default_factory=list)
+    """run_ids this runner trained to the end (appended from the worker threads)."""
 
     def command(self, spec: RunSpec, config_path: Path, out: Path) -> list[str]:
         return [
@@ -342,6 +344,7 @@ class Runner:
             "final": epochs[-1],
         }
         self.results.write(spec, record)
+        self.trained.append(spec.run_id)
         shutil.rmtree(folder / "out" / "checkpoints", ignore_errors=True)  # the bulk; metrics and events stay
         return record
 
@@ -519,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     failures: list[str] = []
+    command: dict[str, Any] | None = None  # what this call did, for the report's list of calls
     if not args.report_only:
         from tqdm import tqdm
 
@@ -549,13 +553,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             # runs already finished in the second stage count as done
             failures = run_all(runner, fixed, tuning, second_stage, parallel, bar, expected_second=n_second)
         print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min; {len(failures)} failed")
+        found = len(merge_runs([*tuning, *fixed])) - len(todo)
+        command = {
+            "started": time.strftime(
+                "%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.perf_counter() - start))
+            ),
+            "wall_minutes": round((time.perf_counter() - start) / 60, 1),
+            "runs_trained": len(runner.trained),
+            "runs_found_done": found,
+            "failed": len(failures),
+        }
         for f in failures:
             print(f, file=sys.stderr)
 
     if not args.no_report:
         from study_report import write_report
 
-        summary = write_report(study, section, grid, results, report_dir, wall_s=time.perf_counter() - start)
+        summary = write_report(
+            study, section, grid, results, report_dir, wall_s=time.perf_counter() - start, command=command
+        )
         print(summary)
     return 1 if failures else 0
 

@@ -547,6 +547,7 @@ def write_report(
     out: Path,
     *,
     wall_s: float,
+    command: Mapping[str, Any] | None = None,
 ) -> str:
     """study/README.md, study/claims.json and the plots; returns the verdict table as text."""
     out.mkdir(parents=True, exist_ok=True)
@@ -561,9 +562,8 @@ def write_report(
         "written_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "runs": len(records),
         "run_wall_minutes_sum": round(sum(r["wall_s"] for r in records) / 60, 1),
-        "last_command_wall_minutes": round(wall_s / 60, 1)
-        if wall_s > 60
-        else previous.get("last_command_wall_minutes"),
+        # every call that ran the grid: when, how long, how many runs it trained and how many it found done
+        "commands": previous.get("commands", []) + ([command] if command else []),
         "claims": [
             {
                 "id": c,
@@ -655,8 +655,13 @@ def readme(study, section, grid, a, files, claims) -> str:
         "# The study: Trade-offs of Local SGD at Scale, claim by claim, on one machine",
         "",
         f"Regenerate everything here (data, {claims['runs']} runs, plots, this file) with one command: `{cmd}`.",
-        f"Last full command: {claims['last_command_wall_minutes']} min wall; the runs' own wall times sum to "
-        f"{claims['run_wall_minutes_sum']} min ({section['parallel']} at a time, {section['threads']} torch thread(s) each, "
+        "Calls of that command so far (each trains what is missing): "
+        + "; ".join(
+            f"{c['started']}: {c['wall_minutes']} min wall, {c['runs_trained']} runs trained, {c['runs_found_done']} found done"
+            for c in claims["commands"]
+        )
+        + f". The runs' own wall times sum to {claims['run_wall_minutes_sum']} min ({section['parallel']} at a time, "
+        f"{section['threads']} torch thread(s) each, "
         f"device {section['device']}). Verdicts come from the rules in `recipes/study_rules.py`, committed before "
         "any study result existed (`git log -- recipes/study_rules.py`); the numbers behind every verdict are in "
         "[claims.json](claims.json), and every run's per-epoch metrics in "
