@@ -644,8 +644,12 @@ def _evidence_line(c: int, v: rules.Verdict) -> str:
         return text
     if c == 6:
         return (
-            "Pattern (gain > 0, gap < 0) per T: "
-            + ", ".join(f"T={r['T']}: {r['pattern']}" for r in e["per_T"])
+            "Per T: "
+            + "; ".join(
+                f"T={r['T']}: short-term gain {r['short_term_gain']:+.2f} (p = {r['short_term_p']:.3f}), "
+                f"final gap {r['final_gap']:+.2f} (p = {r['final_p']:.3f}), pattern {r['pattern']}"
+                for r in e["per_T"]
+            )
             + "."
         )
     if c == 7:
@@ -732,7 +736,7 @@ def readme(study, section, grid, a, files, claims) -> str:
         "",
         f"**What this can and cannot show.** A 2-core CPU run of a small network on {10 * data['train_per_class']:,} digits can show the "
         "*direction* of the accuracy effects of H, K, T, schedules and SlowMo with the exact semantics of K real "
-        "workers (virtual workers are tested equal to real multi-process runs). It cannot show their size on "
+        "workers (virtual workers are tested against real multi-process runs of the same JSON: tests/test_virtual_recipe.py). It cannot show their size on "
         "ImageNet / ResNet-50 (an easy task leaves little room to lose accuracy; few steps per epoch at large K), "
         "and it has no network: the seconds its virtual workers spend averaging are memory copies, so every "
         "statement about time uses the measured benchmark of real processes and the cost model, with the "

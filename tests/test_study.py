@@ -285,18 +285,6 @@ def test_second_stage_joins_after_tuning(tmp_path, monkeypatch):
     assert len(results.all()) == 4 + 2  # 2 arms x 2 multipliers, then 2 arms x 1 seed
 
 
-def _has_virtual_flag() -> bool:
-    import subprocess
-
-    help_text = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "train_imagenet.py"), "--help"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return "--virtual" in help_text
-
-
-@pytest.mark.skipif(not _has_virtual_flag(), reason="recipes/train_imagenet.py has no --virtual yet")
 def test_study_end_to_end_tiny(tmp_path):
     """The real command on a 2-run grid of 1 epoch: data through data_prep, --virtual runs, results, report;
     a second call skips both runs."""
