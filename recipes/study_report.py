@@ -726,9 +726,10 @@ def readme(study, section, grid, a, files, claims) -> str:
         f"peak lr = {base['train']['lr_schedule']['base_lr']} x global batch / {base['train']['lr_schedule']['reference_batch']} "
         f"(the recipe's scaling rule); default schedule `{section['schedule']}` = {json.dumps(sched)} "
         "(milestones as fractions of the run). BatchNorm statistics averaged at each sync, momentum local. "
-        "Every epoch ends with an evaluation of the averaged model, which (as in a real run) averages the "
-        "workers: the period between two averagings is at most the steps in an epoch (3000 // (8 K): "
-        "K = 32 has 11, so H = 16 acts as 11 there).",
+        "Every epoch ends with an evaluation of the averaged model (as in a real run); it does not change "
+        "training: each worker gets its own weights back and the next sync stays H local steps after the "
+        "last (tests/test_virtual.py), so an H longer than an epoch (3000 // (8 K) steps: 11 at K = 32) "
+        "spans epochs.",
         f"- **Seeds**: {section['seeds']} per point (weights and data order). Spread: mean ± sample std (n).",
         f"- **Time**: the cost model (`localsgd_ds.cost_model`) for {cm['model']} on ImageNet, batch 32 per GPU, "
         f"ring all-reduce, {cm['gbit']:g} Gbit/s, **{cm['compute_s'] * 1000:g} ms of compute per step assumed** "
