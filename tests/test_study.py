@@ -193,7 +193,9 @@ FAKE_TRAINER = textwrap.dedent(
 )
 
 
-def test_run_all_resumes_and_reports_failures(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch):
+    """The runner launches FAKE_TRAINER instead of the recipe, with the recipe's arguments."""
     trainer = tmp_path / "fake_train.py"
     trainer.write_text(FAKE_TRAINER)
     monkeypatch.setattr(
@@ -208,8 +210,11 @@ def test_run_all_resumes_and_reports_failures(tmp_path, monkeypatch):
             str(out),
             "--virtual",
             str(spec.K),
-        ],
+        ],  # fmt: skip
     )
+
+
+def test_run_all_resumes_and_reports_failures(tmp_path, fake_trainer):
     section = {
         "epochs": 2,
         "seeds": [0, 1],
@@ -243,23 +248,7 @@ def test_run_all_resumes_and_reports_failures(tmp_path, monkeypatch):
     assert len(failures) == 1 and "exit 3" in failures[0] and results.done(good) and not results.done(bad)
 
 
-def test_second_stage_joins_after_tuning(tmp_path, monkeypatch):
-    trainer = tmp_path / "fake_train.py"
-    trainer.write_text(FAKE_TRAINER)
-    monkeypatch.setattr(
-        study.Runner,
-        "command",
-        lambda self, spec, cfg, out: [
-            sys.executable,
-            str(trainer),
-            "--deepspeed_config",
-            str(cfg),
-            "--output-dir",
-            str(out),
-            "--virtual",
-            str(spec.K),
-        ],
-    )
+def test_second_stage_joins_after_tuning(tmp_path, fake_trainer):
     section = {
         "epochs": 1,
         "seeds": [0],
