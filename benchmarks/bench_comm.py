@@ -113,15 +113,26 @@ class LimitedLinks:
         for ns in [*self.namespaces, self.switch]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
-    def rank_prefix(self, rank: int) -> list[str]:
-        return ["ip", "netns", "exec", self.namespaces[rank]]
+    def rank_prefix(self, index: int) -> list[str]:
+        """The command prefix that runs a process in namespace ``index``."""
+        return ["ip", "netns", "exec", self.namespaces[index]]
 
 
 # -- launching ranks ------------------------------------------------------------------------------------------
 
 
-def launch(cfg: dict, workers: int, links: LimitedLinks | None = None, timeout: float = 1800) -> list[dict]:
-    """Run ``workers`` ranks of bench_worker.py on ``cfg``; return each rank's result."""
+def launch(
+    cfg: dict,
+    workers: int,
+    links: LimitedLinks | None = None,
+    timeout: float = 1800,
+    *,
+    ranks_per_namespace: int = 1,
+    script: Path = WORKER,
+) -> list[dict]:
+    """Run ``workers`` ranks of ``script`` (bench_worker.py) on ``cfg``; return each rank's result. Over
+    ``links``, rank r runs in namespace r // ``ranks_per_namespace``: ranks sharing a namespace talk over its
+    loopback (a node's ranks), the others over the limited link."""
     out_dir = Path(cfg["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "config.json"
@@ -155,12 +166,12 @@ def launch(cfg: dict, workers: int, links: LimitedLinks | None = None, timeout: 
         if cfg["mode"] == "memory":
             # Every allocation of 64 KiB or more gets its own mapping, unmapped when freed: RSS = live.
             env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=65536"
-        prefix = [] if links is None else links.rank_prefix(rank)
+        prefix = [] if links is None else links.rank_prefix(rank // ranks_per_namespace)
         log = open(out_dir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [*prefix, sys.executable, str(WORKER), str(cfg_path)],
+                [*prefix, sys.executable, str(script), str(cfg_path)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -143,16 +143,19 @@ class DeepSpeedSide:
             config = dataclasses.replace(self.hook.config, H=H)
             scratch = self.hook._scratch
             self.hook.detach()
-            self.hook = localsgd_ds.LocalSGD(self.engine, config, steps_per_epoch=STEPS_PER_EPOCH)
-            # A hook attached once keeps its bucket buffer from sync to sync; only the benchmark swaps hooks
-            # to change H, so it hands the buffer on rather than charge every window a fresh allocation.
+            self.hook = localsgd_ds.LocalSGD(
+                self.engine, config, steps_per_epoch=STEPS_PER_EPOCH, workers=self.hook.workers
+            )
+            # A hook attached once keeps its process groups and its bucket buffer from sync to sync; only the
+            # benchmark swaps hooks to change H, so it hands both on rather than charge every window anew.
             self.hook._scratch = scratch
 
     @property
     def comm_s(self) -> float:
         if self.hook is None:
             return self._grad_s
-        return self.hook.stats.seconds + self.hook.stats.grad_allreduce_seconds
+        stats = self.hook.stats
+        return stats.seconds + stats.grad_allreduce_seconds + stats.worker_grad_allreduce_seconds
 
     @property
     def comm_bytes(self) -> int:

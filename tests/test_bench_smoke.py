@@ -51,3 +51,30 @@ def test_bench_comm_tiny_emits_results(tmp_path):
     assert all(case["checks"].values()), case["checks"]
     assert (tmp_path / "table.md").read_text().startswith("# Communication benchmark")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+NODES = BENCH.parent / "bench_nodes.py"
+
+
+def test_bench_nodes_tiny_counts_what_crosses_between_workers(tmp_path):
+    """4 ranks as 2 x 2 on loopback: the hook's across-worker bytes of a node-as-worker sync are half those of
+    K = 4 (one copy of the parameters per node, not one per rank), the inside-node gradient all-reduce is
+    timed for 2 x 2 only, and a node's ranks end identical."""
+    subprocess.run(
+        [sys.executable, str(NODES), "--loopback", "--tiny", "--out", str(tmp_path)], check=True, timeout=300
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["side"], r["H"]): r for r in results["rows"]}
+    assert set(rows) == {("msgd", None), ("nocomm", None), ("k4", 1), ("nodes", 1), ("k4", 2), ("nodes", 2)}
+    assert results["nodes_identical_after_sync"]
+    for H in (1, 2):
+        k4, nodes = rows[("k4", H)], rows[("nodes", H)]
+        # Up to BatchNorm's integer counters (8 bytes each), which every rank averages over all ranks.
+        assert k4["hook_across_bytes_per_node_step"] == pytest.approx(
+            2 * nodes["hook_across_bytes_per_node_step"], rel=0.01
+        )
+        assert nodes["hook_across_bytes_per_node_step"] >= results["param_bytes"] / H
+        assert nodes["inside_grad_s"]["median"] > 0 and k4["inside_grad_s"]["max"] == 0
+        assert nodes["link_bytes_per_step"] is None  # loopback: no link to count
+    assert rows[("msgd", None)]["hook_across_bytes_per_node_step"] == 0
+    assert (tmp_path / "table.md").read_text().startswith("# Workers that are nodes")
