@@ -1,6 +1,7 @@
 """K replicas of a network as one wide network: K virtual workers in one process, at the cost of one model.
 
-Every ``Conv2d`` becomes a grouped convolution over K times the channels, every ``BatchNorm2d`` normalizes
+Every ``Conv2d`` becomes a grouped convolution over K times the channels (run as K convolutions or as a
+batched matrix product where that is faster: ``StackedConv2d``), every ``BatchNorm2d`` normalizes
 K times the channels, every ``Linear`` becomes a batched matrix product: replica r owns the r-th block of
 every tensor, so its arithmetic (BatchNorm statistics included, over its own batch only) is that of a
 separate model, while one kernel call serves all K replicas. Parameter-free modules (ReLU, pooling,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from localsgd_ds.config import ConfigError
@@ -42,26 +44,93 @@ class StackedLinear(nn.Module):
         return y.reshape(*lead, self.K * self.out_features)
 
 
-def _stack_conv(conv: nn.Conv2d, K: int) -> nn.Conv2d:
-    if conv.padding_mode != "zeros":
-        raise ConfigError(f"virtual workers: Conv2d with padding_mode={conv.padding_mode!r} is not supported")
-    out = nn.Conv2d(
-        K * conv.in_channels,
-        K * conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=K * conv.groups,
-        bias=conv.bias is not None,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-    with torch.no_grad():
-        out.weight.copy_(conv.weight.repeat(K, 1, 1, 1))
-        if conv.bias is not None:
-            out.bias.copy_(conv.bias.repeat(K))
-    return out
+class StackedConv2d(nn.Conv2d):
+    """K independent ``Conv2d`` layers on replica-major channels, with a grouped convolution's weight and bias
+    (``groups = K x`` the layer's own; replica-major like every stacked tensor). How the K products run
+    depends on the shapes only, so a run takes the same path every time (``path``); on CPU the grouped
+    convolution is slow at both ends of a ResNet (``benchmarks/bench_virtual.py``, K = 16, ResNet-18):
+
+    - ``"loop"``: the stem, whose replicas see 3 channels each (grouped: 2-3x one model's time at 112 px):
+      one ordinary convolution per replica on its own channels, concatenated.
+    - ``"bmm"``: the deep layers on small images, many channels over a map of at most 4 positions:
+      ``unfold`` and one batched matrix product, K matrices ``[out, in x k x k] x [in x k x k, B x
+      positions]`` (grouped: up to 4x slower; at 16 positions neither wins).
+    - ``"grouped"``: everything else, and everything on a GPU (where the other paths are not measured).
+
+    Every path is the same arithmetic up to the order of the sums."""
+
+    BMM_MAX_POSITIONS = 4
+    LOOP_MAX_CHANNELS = 4
+
+    def __init__(self, conv: nn.Conv2d, K: int) -> None:
+        if conv.padding_mode != "zeros":
+            raise ConfigError(
+                f"virtual workers: Conv2d with padding_mode={conv.padding_mode!r} is not supported"
+            )
+        if isinstance(conv.padding, str):
+            raise ConfigError(f"virtual workers: Conv2d with padding={conv.padding!r} is not supported")
+        super().__init__(
+            K * conv.in_channels,
+            K * conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=K * conv.groups,
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        self.K, self.replica_groups = K, conv.groups
+        with torch.no_grad():
+            self.weight.copy_(conv.weight.repeat(K, 1, 1, 1))
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias.repeat(K))
+
+    def _out_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def path(self, x: torch.Tensor) -> str:
+        """``"loop"``, ``"bmm"`` or ``"grouped"``: how input ``x`` is convolved (see the class)."""
+        if x.device.type != "cpu" or self.replica_groups != 1:
+            return "grouped"
+        per_replica = self.in_channels // self.K
+        if per_replica <= self.LOOP_MAX_CHANNELS:
+            return "loop"
+        height, width = self._out_size(x)
+        return "bmm" if height * width <= self.BMM_MAX_POSITIONS else "grouped"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.path(x)
+        if path == "grouped":
+            return super().forward(x)
+        if path == "loop":
+            cin, cout = self.in_channels // self.K, self.out_channels // self.K
+            return torch.cat(
+                [
+                    F.conv2d(
+                        x[:, r * cin : (r + 1) * cin],
+                        self.weight[r * cout : (r + 1) * cout],
+                        None if self.bias is None else self.bias[r * cout : (r + 1) * cout],
+                        self.stride,
+                        self.padding,
+                        self.dilation,
+                    )
+                    for r in range(self.K)
+                ],
+                dim=1,
+            )
+        height, width = self._out_size(x)
+        B, K, L = x.shape[0], self.K, height * width
+        inner = self.in_channels // K * self.kernel_size[0] * self.kernel_size[1]
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, K * inner, L]
+        cols = cols.view(B, K, inner, L).permute(1, 2, 0, 3).reshape(K, inner, B * L)
+        y = torch.bmm(self.weight.view(K, -1, inner), cols)  # [K, out, B * L]
+        y = y.view(K, -1, B, L).permute(2, 0, 1, 3).reshape(B, self.out_channels, height, width)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
 def _stack_bn(bn: nn.BatchNorm2d, K: int) -> nn.BatchNorm2d:
@@ -88,7 +157,7 @@ def _stack_children(module: nn.Module, K: int, path: str) -> None:
     for name, child in module.named_children():
         where = f"{path}.{name}" if path else name
         if type(child) is nn.Conv2d:
-            setattr(module, name, _stack_conv(child, K))
+            setattr(module, name, StackedConv2d(child, K))
         elif type(child) is nn.BatchNorm2d:
             setattr(module, name, _stack_bn(child, K))
         elif type(child) is nn.Linear:

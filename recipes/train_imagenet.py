@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """One run: build, resume, loop over the epochs (train, evaluate, log, checkpoint), finish."""
     args = parse_args(argv)
+    if args.virtual:  # K replicas' gradients are K x the model's: huge pages, before the first tensor
+        virtual.prefer_huge_pages()
     # The process: this rank's share of the cores, and collectives that fail in time instead of stalling.
     threads = runtime.set_cpu_threads()
     if args.virtual:  # K workers in this process: the recipe's own collectives run on a group of one
