@@ -57,10 +57,9 @@ def link_bytes() -> int | None:
 
 
 def run_rank(cfg: dict) -> dict:
+    import bench_worker as bw
     import torch
     import torch.distributed as dist
-
-    import bench_worker as bw
 
     rank = dist.get_rank()
     batch = bw.make_batch(cfg, rank, torch.device("cpu"))
@@ -114,7 +113,9 @@ def run_rank(cfg: dict) -> dict:
             end = link_bytes()
             w["link_bytes"] = None if end is None else end - marks["link"]
             now = counts(side)
-            w["hook_across"], w["hook_inside"], w["inside_grad_s"] = (a - b for a, b in zip(now, marks["hook"]))
+            w["hook_across"], w["hook_inside"], w["inside_grad_s"] = (
+                a - b for a, b in zip(now, marks["hook"])
+            )
             return w
 
         return run
@@ -272,7 +273,14 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.tiny:
-        args.model, args.batch, args.image_size, args.hs, args.rounds, args.window = "tiny", 4, 8, [1, 2], 2, 2
+        args.model, args.batch, args.image_size, args.hs, args.rounds, args.window = (
+            "tiny",
+            4,
+            8,
+            [1, 2],
+            2,
+            2,
+        )
     return args
 
 

@@ -1,7 +1,12 @@
 """How fast are K virtual workers? A local step of K stacked replicas against its physical limit.
 
-The limit is one model stepped at batch K x B: the same arithmetic in the fewest kernel calls. The
-naive alternative is K replicas stepped one after another at batch B. The three sides run in interleaved
+The limit is one model stepped at batch K x B: the same arithmetic in the fewest kernel calls. But K
+distinct models also move K sets of weights where one model moves one: the floor adds, beyond one model's
+step, what the other K - 1 replicas must cost whatever runs them: their optimizer step, and two reads and
+a write of their weights (the layers read the weights forward and backward and write the gradients),
+each timed alone on copies of the stacked parameters, minus the same for one model. The naive
+alternative is K replicas stepped one after another at batch B. All sides zero gradients to None, as
+DeepSpeed and the virtual workers do. The three sides run in interleaved
 rounds (A B C A B C ...) in one process, so load changes hit all of them alike; the report gives the
 median and the spread of each ratio. Memory: the bytes of parameters, gradients and momentum per replica
 (exact), and the activation bytes autograd saves per image (measured with saved-tensor hooks), which
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from localsgd_ds.models import ResNet8  # noqa: E402
 from localsgd_ds.stacked import stack_replicas  # noqa: E402
+from localsgd_ds.virtual import build_optimizer, prefer_huge_pages  # noqa: E402
 
 MODELS = {
     "resnet8": lambda: ResNet8(num_classes=10),
@@ -38,8 +45,11 @@ MODELS = {
 }
 
 
-def sgd(params) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+def sgd(params) -> torch.optim.Optimizer:
+    """Every side's optimizer: the one ``build_optimizer`` makes for a virtual run (fused where it can)."""
+    return build_optimizer(
+        {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}}, params
+    )
 
 
 def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
@@ -57,7 +67,7 @@ def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
     def virtual() -> None:
         logits = stacked(images)
         loss = sum(loss_fn(logits[k], labels[k]) for k in range(K))
-        opt_stacked.zero_grad(set_to_none=False)
+        opt_stacked.zero_grad(set_to_none=True)
         loss.backward()
         opt_stacked.step()
 
@@ -67,7 +77,7 @@ def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
 
     def one_model() -> None:
         loss = loss_fn(big(flat_images), flat_labels)
-        opt_big.zero_grad(set_to_none=False)
+        opt_big.zero_grad(set_to_none=True)
         loss.backward()
         opt_big.step()
 
@@ -77,11 +87,37 @@ def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
     def sequential() -> None:
         for k, (m, o) in enumerate(zip(replicas, opts)):
             loss = loss_fn(m(images[k]), labels[k])
-            o.zero_grad(set_to_none=False)
+            o.zero_grad(set_to_none=True)
             loss.backward()
             o.step()
 
-    return {"virtual": virtual, "one_model": one_model, "sequential": sequential}, base, stacked
+    # What K distinct models cost beyond one model's arithmetic, whatever runs them: the optimizer steps K
+    # replicas' weights and state, not one. Timed alone on copies with gradients in place.
+    def optimizer_step(params) -> callable:
+        copies = [p.detach().clone().requires_grad_() for p in params]
+        for c in copies:
+            c.grad = torch.randn_like(c) * 1e-3
+        opt = sgd(copies)
+        return opt.step
+
+    # And the convolutions must read K sets of weights (forward, backward) and write K sets of gradients:
+    # timed as two plain reads and one write of the same bytes.
+    def weight_traffic(params) -> callable:
+        weights = [p.detach() for p in params]
+        grads = [torch.empty_like(w) for w in weights]
+
+        def run() -> None:
+            for w, g in zip(weights, grads):
+                w.sum()
+                g.copy_(w)
+
+        return run
+
+    sides = {"virtual": virtual, "one_model": one_model, "sequential": sequential}
+    for tag, params in (("K", list(stacked.parameters())), ("1", list(base.parameters()))):
+        sides[f"optimizer_{tag}"] = optimizer_step(params)
+        sides[f"traffic_{tag}"] = weight_traffic(params)
+    return sides, base, stacked
 
 
 def sync(device: torch.device) -> None:
@@ -138,30 +174,50 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-only", action="store_true", help="skip the timing, report the memory")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="leave THP_MEM_ALLOC_ENABLE unset (a virtual run sets it)",
+    )
     args = parser.parse_args(argv)
+    if not args.no_huge_pages:
+        prefer_huge_pages()  # as the recipe does for --virtual; all sides run in this one process
     device = torch.device(args.device)
     print(
         f"# K = {args.K} workers x B = {args.batch} images of {args.image_size} px, {args.device}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n"
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}\n"
     )
     print("| model | virtual step (ms) | one model at K x B (ms) | K one after another (ms) "
-          "| virtual / one model | virtual / one after another |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          "| floor: one model + K replicas' optimizer and weight traffic (ms) "
+          "| virtual / one model | virtual / floor | virtual / one after another |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     results = {}
     for name in [] if args.memory_only else args.models:
         sides, base, stacked = make_sides(name, args.K, args.batch, args.image_size, device)
         times = time_sides(sides, args.rounds, device)
         vs_one = ratio_stats(times["virtual"], times["one_model"])
         vs_seq = ratio_stats(times["virtual"], times["sequential"])
+        times["floor"] = [
+            one + ok - o1 + tk - t1
+            for one, ok, o1, tk, t1 in zip(
+                *(times[k] for k in ("one_model", "optimizer_K", "optimizer_1", "traffic_K", "traffic_1"))
+            )
+        ]
+        vs_floor = ratio_stats(times["virtual"], times["floor"])
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+        def r(d: dict) -> str:
+            return f"{d['median']:.3f} [{d['min']:.3f}-{d['max']:.3f}]"
+
         print(
             f"| {name} | {med['virtual']:.1f} | {med['one_model']:.1f} | {med['sequential']:.1f} "
-            f"| {vs_one['median']:.3f} [{vs_one['min']:.3f}-{vs_one['max']:.3f}] "
-            f"| {vs_seq['median']:.3f} [{vs_seq['min']:.3f}-{vs_seq['max']:.3f}] |"
+            f"| {med['floor']:.1f} | {r(vs_one)} | {r(vs_floor)} | {r(vs_seq)} |"
         )
         one = sum(p.numel() * p.element_size() for p in base.parameters())
         stacked_bytes = sum(p.numel() * p.element_size() for p in stacked.parameters())
         results[name] = {"times_s": times, "virtual_over_one_model": vs_one, "virtual_over_sequential": vs_seq,
+                         "virtual_over_floor": vs_floor,
                          "param_bytes_per_replica": one, "stacked_param_bytes": stacked_bytes}  # fmt: skip
         del sides, stacked
     print("\n## Memory (fp32, SGD with momentum)\n")
