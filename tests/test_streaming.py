@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import random
-import socket
 import tarfile
 import threading
 import time
@@ -40,6 +39,7 @@ from localsgd_ds.data import (
     val_loader,
     worker_batches,
 )
+from localsgd_ds.runtime import free_port
 
 SIZE = 32  # output pixels in loader tests: small, fast
 TRAIN_N, VAL_N = 200, 60
@@ -491,12 +491,6 @@ def test_reader_reopens_at_the_failed_byte(monkeypatch, tmp_path):
 
 
 # ============================================================================================ 2 processes
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, location: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -551,7 +545,7 @@ def _rank_main(rank: int, world: int, port: int, location: str, out: str) -> Non
 @pytest.mark.slow
 def test_two_ranks_stream_from_s3(s3_shards, tmp_path):
     mp.start_processes(
-        _rank_main, args=(2, _free_port(), s3_shards, str(tmp_path)), nprocs=2, start_method="spawn"
+        _rank_main, args=(2, free_port(), s3_shards, str(tmp_path)), nprocs=2, start_method="spawn"
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     steps = TRAIN_N // (2 * 8)
