@@ -267,7 +267,7 @@ def build_optimizer(block: Mapping[str, Any], params: Iterable[torch.nn.Paramete
     if "fused" not in kwargs and "foreach" not in kwargs:
         # One pass over K replicas' weights, gradients and state, with no temporaries: the unfused step
         # allocates a gradient-sized tensor per parameter for the weight decay, and at K x the model's size
-        # those are fresh pages every step (ResNet-18, K = 16 on CPU: 0.4-1 s of a 1.4 s step). Same math.
+        # those are fresh pages every step (ResNet-18, K = 16 on CPU: 0.4-1 s per step, fused 0.05-0.14). Same math.
         try:
             return OPTIMIZERS[kind](params, fused=True, **kwargs)
         except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
@@ -312,7 +312,7 @@ def prefer_huge_pages() -> bool:
     ``THP_MEM_ALLOC_ENABLE``). K replicas make every gradient and optimizer temporary K times the model's;
     glibc maps each such block afresh and the kernel faults it in 4 KiB at a time on every step (a 151 MB
     tensor: 36,904 faults; with huge pages 624). Virtual ResNet-18, K = 16 on CPU: 1.7-1.9x one model's
-    step instead of 2.3-2.5x (benchmarks/README.md). Torch reads the variable at its first CPU allocation,
+    step instead of 2.3-2.5x (README.md, K virtual workers). Torch reads the variable at its first CPU allocation,
     so call this before any tensor is made; a value already set is kept. Returns whether it set it."""
     if "THP_MEM_ALLOC_ENABLE" in os.environ:
         return False
