@@ -149,12 +149,9 @@ def rank_main(config_path: str) -> None:
 # -- the report -------------------------------------------------------------------------------------------
 
 
-def summary(values: list[float]) -> dict:
-    values = sorted(values)
-    return {"median": statistics.median(values), "min": values[0], "max": values[-1], "n": len(values)}
-
-
 def report(cfg: dict, ranks: list[dict]) -> dict:
+    from bench_report import summary
+
     """Per side and H: step time (slowest rank per round), its ratio to mSGD in the same round, bytes over
     the link per step (mean of the two nodes' interfaces), the hook's across-worker bytes per node per step,
     the inside-node gradient all-reduce per step, and the floor: the no-communication step of the same
