@@ -39,6 +39,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from bench_report import summary  # noqa: E402
+
 MB = 1e6
 IFACE = "lsgd0"  # the link's interface in each node's namespace (bench_comm.LimitedLinks)
 RANKS_PER_NODE = 2
@@ -150,8 +152,6 @@ def rank_main(config_path: str) -> None:
 
 
 def report(cfg: dict, ranks: list[dict]) -> dict:
-    from bench_report import summary
-
     """Per side and H: step time (slowest rank per round), its ratio to mSGD in the same round, bytes over
     the link per step (mean of the two nodes' interfaces), the hook's across-worker bytes per node per step,
     the inside-node gradient all-reduce per step, and the floor: the no-communication step of the same
