@@ -159,20 +159,20 @@ def report(cfg: dict, ranks: list[dict]) -> dict:
     heads = [w["side"] for w in ranks[0]["windows"]]
     hs = [w["H"] for w in ranks[0]["windows"]]
 
-    def per_round(i: int, key: str, merge) -> list:
-        return [merge([r["windows"][i]["runs"][k] for r in ranks], key) for k in range(cfg["rounds"])]
+    def per_round(i: int, merge) -> list:
+        return [merge([r["windows"][i]["runs"][k] for r in ranks]) for k in range(cfg["rounds"])]
 
     def step_s(i: int) -> list[float]:
-        return per_round(i, "", lambda ws, _: max(w["seconds"] for w in ws) / ws[0]["steps"])
+        return per_round(i, lambda ws: max(w["seconds"] for w in ws) / ws[0]["steps"])
 
     def link_per_step(i: int) -> list[float] | None:
         first = [r * RANKS_PER_NODE for r in range(NODES)]  # one rank per node reads its interface
 
-        def merge(ws, _):
+        def merge(ws):
             counts = [ws[j]["link_bytes"] for j in first]
             return None if None in counts else statistics.mean(counts) / ws[0]["steps"]
 
-        values = per_round(i, "", merge)
+        values = per_round(i, merge)
         return None if None in values else values
 
     def hook_per_node_step(i: int) -> float:
@@ -181,7 +181,7 @@ def report(cfg: dict, ranks: list[dict]) -> dict:
 
     def inside_s(i: int) -> list[float]:
         # The least over ranks: a rank that reaches the collective first also waits there for its peer.
-        return per_round(i, "", lambda ws, _: min(w["inside_grad_s"] for w in ws) / ws[0]["steps"])
+        return per_round(i, lambda ws: min(w["inside_grad_s"] for w in ws) / ws[0]["steps"])
 
     msgd, nocomm = step_s(heads.index("msgd")), step_s(heads.index("nocomm"))
     rate = cfg["gbit"] * 1e9 / 8 if cfg["gbit"] else None

@@ -6,7 +6,7 @@ step, what the other K - 1 replicas must cost whatever runs them: their optimize
 a write of their weights (the layers read the weights forward and backward and write the gradients),
 each timed alone on copies of the stacked parameters, minus the same for one model. The naive
 alternative is K replicas stepped one after another at batch B. All sides zero gradients to None, as
-DeepSpeed and the virtual workers do. The three sides run in interleaved
+DeepSpeed and the virtual workers do. All sides run in interleaved
 rounds (A B C A B C ...) in one process, so load changes hit all of them alike; the report gives the
 median and the spread of each ratio. Memory: the bytes of parameters, gradients and momentum per replica
 (exact), and the activation bytes autograd saves per image (measured with saved-tensor hooks), which
@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
 
     # What K distinct models cost beyond one model's arithmetic, whatever runs them: the optimizer steps K
     # replicas' weights and state, not one. Timed alone on copies with gradients in place.
-    def optimizer_step(params) -> callable:
+    def optimizer_step(params) -> Callable[[], object]:
         copies = [p.detach().clone().requires_grad_() for p in params]
         for c in copies:
             c.grad = torch.randn_like(c) * 1e-3
@@ -102,7 +103,7 @@ def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
 
     # And the convolutions must read K sets of weights (forward, backward) and write K sets of gradients:
     # timed as two plain reads and one write of the same bytes.
-    def weight_traffic(params) -> callable:
+    def weight_traffic(params) -> Callable[[], None]:
         weights = [p.detach() for p in params]
         grads = [torch.empty_like(w) for w in weights]
 
