@@ -1,12 +1,13 @@
 """K replicas of a network as one wide network: K virtual workers in one process, at the cost of one model.
 
-Every ``Conv2d`` becomes a grouped convolution over K times the channels (run as K convolutions or as a
-batched matrix product where that is faster: ``StackedConv2d``), every ``BatchNorm2d`` normalizes
+Every ``Conv2d`` becomes a grouped convolution over K times the channels (run as K convolutions or tap by
+tap as batched matrix products where that is faster: ``StackedConv2d``), every ``BatchNorm2d`` normalizes
 K times the channels, every ``Linear`` becomes a batched matrix product: replica r owns the r-th block of
 every tensor, so its arithmetic (BatchNorm statistics included, over its own batch only) is that of a
 separate model, while one kernel call serves all K replicas. Parameter-free modules (ReLU, pooling,
 flatten, residual additions) work unchanged on the wider tensors. Every parameter and buffer is
-replica-major: ``t.view(K, -1)[r]`` is replica r's copy::
+replica-major: ``t.view(K, -1)[r]`` is replica r's copy (on CPU a convolution's weight is held OHWI,
+``[K x out, kh, kw, in]``; its state dict keeps the usual layout)::
 
     stacked = stack_replicas(model, K=16)           # 16 identical copies of model's weights
     logits = stacked(images)                        # images [K, B, C, H, W] -> logits [K, B, classes]
@@ -44,6 +45,83 @@ class StackedLinear(nn.Module):
         return y.reshape(*lead, self.K * self.out_features)
 
 
+def _per_replica(weight: torch.Tensor, K: int) -> torch.Tensor:
+    """``[K, out, kh, kw, in]`` view of an OHWI ``[K x out, kh, kw, in]`` weight (a copy if not contiguous)."""
+    return weight.contiguous().view(K, -1, *weight.shape[1:])
+
+
+class _TapConv(torch.autograd.Function):
+    """K convolutions on a small map as one batched matrix product per live kernel tap.
+
+    On a map of a few positions most taps of a kernel see padding at most output positions (a 3x3 kernel
+    on a 2x2 map: 16 of its 36 position-tap pairs touch the image; on a 1x1 map only the centre tap does).
+    Tap (a, b) maps a rectangle of input positions to a rectangle of output positions: one ``[K, out, in]
+    x [K, in, B x positions]`` product, its weight read in place from the OHWI weight ``[K x out, kh, kw,
+    in]`` (a ``[K, out, in]`` view with a row stride of ``kh x kw x in``). So the products are exactly those
+    that touch the image (no unfold, no multiplication by padding), each weight is read once per pass,
+    and the weight's gradient is written once, tap by tap, zeros for the taps that never touch the image.
+    Activations go replica-major (``[K, channels, B, H, W]``) once each way.
+    ``taps``: ``(a, b, output rows, output columns, input rows, input columns)`` (``StackedConv2d.taps``),
+    those whose output rectangle is the whole map first."""
+
+    @staticmethod
+    def _rect(t: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        """``[K, C, B, H, W]`` -> ``[K, C, B x positions]`` of the rectangle (a view when it is the whole map)."""
+        return t[:, :, :, rows, cols].reshape(t.shape[0], t.shape[1], -1)
+
+    @staticmethod
+    def _accumulate(total, part: torch.Tensor, rows: slice, cols: slice, shape) -> torch.Tensor:
+        """Add ``part`` (``[K, C, B x positions]``) into the rectangle of ``total`` (``[K, C, B, H, W]``),
+        which starts as the first part when that covers the whole map, else as zeros."""
+        if total is None:
+            if part.numel() == shape.numel():
+                return part.view(shape)
+            total = part.new_zeros(shape)
+        target = total[:, :, :, rows, cols]
+        target += part.view(target.shape)
+        return total
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, K: int, taps, out_size) -> torch.Tensor:
+        B, cin = x.shape[0], x.shape[1] // K
+        xk = x.view(B, K, cin, *x.shape[2:]).permute(1, 2, 0, 3, 4).contiguous()  # [K, in, B, H, W]
+        w5 = _per_replica(weight, K)
+        ctx.K, ctx.taps, ctx.x_shape = K, taps, x.shape
+        ctx.save_for_backward(xk, weight)
+        shape = torch.Size((K, w5.shape[1], B, *out_size))
+        y = None
+        for a, b, out_rows, out_cols, in_rows, in_cols in taps:
+            part = torch.bmm(w5[:, :, a, b], _TapConv._rect(xk, in_rows, in_cols))  # [K, out, B x n]
+            y = _TapConv._accumulate(y, part, out_rows, out_cols, shape)
+        return y.permute(2, 0, 1, 3, 4).reshape(B, -1, *out_size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xk, weight = ctx.saved_tensors
+        K, taps = ctx.K, ctx.taps
+        B, w5 = grad.shape[0], _per_replica(weight, K)
+        gk = grad.reshape(B, K, -1, *grad.shape[2:]).permute(1, 2, 0, 3, 4).contiguous()  # [K, out, B, H, W]
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight.new_empty(weight.shape)
+            gw5 = grad_weight.view(K, -1, *weight.shape[1:])
+            live = {(a, b) for a, b, *_ in taps}
+            for a in range(weight.shape[1]):
+                for b in range(weight.shape[2]):
+                    if (a, b) not in live:  # a tap that never touches the image: its gradient is zero
+                        gw5[:, :, a, b].zero_()
+        for a, b, out_rows, out_cols, in_rows, in_cols in taps:
+            g = _TapConv._rect(gk, out_rows, out_cols)  # [K, out, B x n]
+            if grad_weight is not None:
+                torch.bmm(g, _TapConv._rect(xk, in_rows, in_cols).transpose(1, 2), out=gw5[:, :, a, b])
+            if ctx.needs_input_grad[0]:
+                part = torch.bmm(w5[:, :, a, b].transpose(1, 2), g)  # [K, in, B x n]
+                grad_x = _TapConv._accumulate(grad_x, part, in_rows, in_cols, xk.shape)
+        if grad_x is not None:
+            grad_x = grad_x.permute(2, 0, 1, 3, 4).reshape(ctx.x_shape)
+        return grad_x, grad_weight, None, None, None
+
+
 class StackedConv2d(nn.Conv2d):
     """K independent ``Conv2d`` layers on replica-major channels, with a grouped convolution's weight and bias
     (``groups = K x`` the layer's own; replica-major like every stacked tensor). How the K products run
@@ -52,14 +130,16 @@ class StackedConv2d(nn.Conv2d):
 
     - ``"loop"``: the stem, whose replicas see 3 channels each (grouped: 2-3x one model's time at 112 px):
       one ordinary convolution per replica on its own channels, concatenated.
-    - ``"bmm"``: the deep layers on small images, many channels over a map of at most 4 positions:
-      ``unfold`` and one batched matrix product, K matrices ``[out, in x k x k] x [in x k x k, B x
-      positions]`` (grouped: up to 4x slower; at 16 positions neither wins).
+    - ``"taps"``: the deep layers on small images, many channels over a map of at most 4 positions, and
+      1x1 kernels on at most 64: one batched matrix product per kernel tap that touches the image
+      (``_TapConv``), from the weight held OHWI (grouped: 2-10x slower; at 16 positions a 3x3 kernel is
+      faster grouped, and so is a 1x1 kernel at 196).
     - ``"grouped"``: everything else, and everything on a GPU (where the other paths are not measured).
 
     Every path is the same arithmetic up to the order of the sums."""
 
-    BMM_MAX_POSITIONS = 4
+    TAPS_MAX_POSITIONS = 4
+    TAPS_MAX_POSITIONS_1X1 = 64
     LOOP_MAX_CHANNELS = 4
 
     def __init__(self, conv: nn.Conv2d, K: int) -> None:
@@ -86,6 +166,33 @@ class StackedConv2d(nn.Conv2d):
             self.weight.copy_(conv.weight.repeat(K, 1, 1, 1))
             if conv.bias is not None:
                 self.bias.copy_(conv.bias.repeat(K))
+        # On CPU the weight is held OHWI, [K x out, kh, kw, in] (still replica-major and contiguous, as the
+        # fused optimizer needs): the "taps" path reads each tap in place; the grouped path takes a copy in
+        # the usual layout (its layers have small weights: the large ones sit on small maps). State dicts
+        # keep the usual [K x out, in, kh, kw] layout either way.
+        self.ohwi = (
+            self.weight.device.type == "cpu"
+            and conv.groups == 1
+            and conv.in_channels > self.LOOP_MAX_CHANNELS
+        )
+        if self.ohwi:
+            self.weight = nn.Parameter(self.weight.detach().permute(0, 2, 3, 1).contiguous())
+
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        """The weight as a grouped convolution takes it, ``[K x out, in, kh, kw]`` (a view)."""
+        return self.weight.permute(0, 3, 1, 2) if self.ohwi else self.weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.ohwi:
+            destination[prefix + "weight"] = destination[prefix + "weight"].detach().permute(0, 3, 1, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        weight = state_dict.get(prefix + "weight")  # in the usual layout, as _save_to_state_dict writes it
+        if self.ohwi and isinstance(weight, torch.Tensor) and weight.dim() == 4:
+            state_dict[prefix + "weight"] = weight.permute(0, 2, 3, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _out_size(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple(  # type: ignore[return-value]
@@ -93,27 +200,51 @@ class StackedConv2d(nn.Conv2d):
             for n, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
         )
 
+    def taps(self, x: torch.Tensor) -> list[tuple[int, int, slice, slice, slice, slice]]:
+        """The kernel taps that touch input ``x`` at some output position, each as ``(a, b, output rows,
+        output columns, input rows, input columns)``: tap (a, b) multiplies the input rectangle into the
+        output rectangle (``_TapConv``). A 3x3 convolution on a 1x1 map has one, its centre."""
+        spans = []
+        for n, p, k, s, d, o in zip(
+            x.shape[-2:], self.padding, self.kernel_size, self.stride, self.dilation, self._out_size(x)
+        ):
+            per_tap = {}
+            for t in range(k):
+                live = [i for i in range(o) if 0 <= i * s - p + t * d < n]
+                if live:
+                    first, last = live[0], live[-1]
+                    start = first * s - p + t * d
+                    per_tap[t] = (slice(first, last + 1), slice(start, start + (last - first) * s + 1, s))
+            spans.append(per_tap)
+        taps = [
+            (a, b, out_rows, out_cols, in_rows, in_cols)
+            for a, (out_rows, in_rows) in spans[0].items()
+            for b, (out_cols, in_cols) in spans[1].items()
+        ]
+        whole = (slice(0, self._out_size(x)[0]), slice(0, self._out_size(x)[1]))
+        return sorted(taps, key=lambda tap: (tap[2], tap[3]) != whole)  # whole-map taps first (stable)
+
     def path(self, x: torch.Tensor) -> str:
-        """``"loop"``, ``"bmm"`` or ``"grouped"``: how input ``x`` is convolved (see the class)."""
+        """``"loop"``, ``"taps"`` or ``"grouped"``: how input ``x`` is convolved (see the class)."""
         if x.device.type != "cpu" or self.replica_groups != 1:
             return "grouped"
-        per_replica = self.in_channels // self.K
-        if per_replica <= self.LOOP_MAX_CHANNELS:
+        if self.in_channels // self.K <= self.LOOP_MAX_CHANNELS:
             return "loop"
         height, width = self._out_size(x)
-        return "bmm" if height * width <= self.BMM_MAX_POSITIONS else "grouped"
+        limit = self.TAPS_MAX_POSITIONS_1X1 if tuple(self.kernel_size) == (1, 1) else self.TAPS_MAX_POSITIONS
+        return "taps" if height * width <= limit else "grouped"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.path(x)
         if path == "grouped":
-            return super().forward(x)
+            return self._conv_forward(x, self.conv_weight.contiguous(), self.bias)
         if path == "loop":
             cin, cout = self.in_channels // self.K, self.out_channels // self.K
             return torch.cat(
                 [
                     F.conv2d(
                         x[:, r * cin : (r + 1) * cin],
-                        self.weight[r * cout : (r + 1) * cout],
+                        self.conv_weight[r * cout : (r + 1) * cout],
                         None if self.bias is None else self.bias[r * cout : (r + 1) * cout],
                         self.stride,
                         self.padding,
@@ -123,13 +254,8 @@ class StackedConv2d(nn.Conv2d):
                 ],
                 dim=1,
             )
-        height, width = self._out_size(x)
-        B, K, L = x.shape[0], self.K, height * width
-        inner = self.in_channels // K * self.kernel_size[0] * self.kernel_size[1]
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, K * inner, L]
-        cols = cols.view(B, K, inner, L).permute(1, 2, 0, 3).reshape(K, inner, B * L)
-        y = torch.bmm(self.weight.view(K, -1, inner), cols)  # [K, out, B * L]
-        y = y.view(K, -1, B, L).permute(2, 0, 1, 3).reshape(B, self.out_channels, height, width)
+        weight = self.weight if self.ohwi else self.weight.permute(0, 2, 3, 1)
+        y = _TapConv.apply(x, weight, self.K, self.taps(x), self._out_size(x))
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 

@@ -158,7 +158,25 @@ class VirtualWorkers(LocalSGDPeriods):
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_state_dict(state["local_sgd"])
+        self._check_state_shapes(path)
         return str(path), state["client_state"]
+
+    def _check_state_shapes(self, path: Path) -> None:
+        """Optimizer and SlowMo state are loaded as saved (``torch.optim`` checks no shapes): one that does not
+        have its parameter's shape (a checkpoint from before convolution weights were held OHWI on CPU)
+        would be applied in the wrong element order. Refused instead."""
+        slow = {"SlowMo anchor": self._slow_anchor or [], "SlowMo momentum": self._slow_momentum or []}
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        for i, p in enumerate(self._params):
+            found = {f"optimizer state {k!r}": t for k, t in self.optimizer.state.get(p, {}).items()}
+            found.update({name: tensors[i] for name, tensors in slow.items() if tensors})
+            for name, t in found.items():
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape != p.shape:
+                    raise ConfigError(
+                        f"{path}: {name} of {names.get(id(p), f'parameter {i}')} has shape {tuple(t.shape)}, the parameter "
+                        f"{tuple(p.shape)}; the checkpoint holds its tensors in another layout (written by an "
+                        "older localsgd-ds?): start this run afresh or resume it with the version that wrote it"
+                    )
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss`` is the mean over the K replicas of each replica's mean loss (the mean over all K x B

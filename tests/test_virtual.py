@@ -31,8 +31,9 @@ def run_virtual(
     group_lrs=None,
     schedule: bool = False,
     forced: tuple[int, ...] = (),
+    variant: str = "plain",
 ):
-    model = make_model(0)
+    model = make_model(0, variant)
     stacked = stack_replicas(model, K)
     optimizer = make_optimizer(stacked.net, group_lrs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if schedule else None
@@ -102,6 +103,41 @@ def test_slowmo_under_a_schedule_with_groups_and_a_forced_sync():
     assert_close(ours, ref)
 
 
+def test_weights_held_ohwi_and_run_tap_by_tap_match_reference():
+    """DeepNet's convolutions on 2x2 and 1x1 maps take the "taps" path with OHWI weights on CPU: post-local SGD
+    with clipping and SlowMo on them equals K separate models."""
+    from localsgd_ds.stacked import StackedConv2d
+
+    block = {"H": 2, "T": 1, "slowmo": {"beta": 0.5, "alpha": 1.0}}
+    workers, ours = run_virtual(2, 6, block, spe=2, clip=0.5, variant="deep")
+    convs = {n: m for n, m in workers.module.net.named_modules() if isinstance(m, StackedConv2d)}
+    assert [n for n, m in convs.items() if m.ohwi] == ["down", "point", "top"]
+    assert convs["top"].taps(torch.zeros(4, 16, 1, 1))[0][:2] == (1, 1) and workers.stats.syncs == 2
+    assert_close(ours, reference(2, 6, H=2, switch=2, slowmo=(0.5, 1.0), clip=0.5, variant="deep"))
+
+
+def test_a_checkpoint_in_another_layout_is_refused(tmp_path):
+    """Optimizer state in the usual [out, in, kh, kw] layout for an OHWI weight (a checkpoint from before
+    weights were held OHWI) would load silently and step in the wrong element order: refused, by name."""
+    part, _ = run_virtual(2, 2, {"H": 2, "T": 0}, spe=4, variant="deep")
+    part.save_checkpoint(str(tmp_path), tag="old")
+    path = tmp_path / "old" / "virtual_workers.pt"
+    state = torch.load(path, weights_only=False)
+    for slot in state["optimizer"]["state"].values():
+        m = slot["momentum_buffer"]
+        if m.dim() == 4 and m.shape[1] != m.shape[3]:  # OHWI [K x out, kh, kw, in] -> [K x out, in, kh, kw]
+            slot["momentum_buffer"] = m.permute(0, 3, 1, 2).contiguous()
+    torch.save(state, path)
+    stacked = stack_replicas(make_model(0, "deep"), 2)
+    fresh = VirtualWorkers(
+        stacked, LocalSGDConfig.from_dict({"H": 2, "T": 0}), make_optimizer(stacked.net), steps_per_epoch=4
+    )
+    with pytest.raises(
+        ConfigError, match=r"optimizer state 'momentum_buffer' of net.down.weight has shape \(16, 8, 3, 3\)"
+    ):
+        fresh.load_checkpoint(str(tmp_path), tag="old")
+
+
 def test_averaged_holds_the_mean_and_gives_each_replica_its_own_back():
     workers, before = run_virtual(2, 3, {"H": 4, "T": 0}, spe=4)
     stacked = workers.module
@@ -126,10 +162,10 @@ def test_refusals():
 
 def test_checkpoint_mid_period_resumes_exactly(tmp_path):
     block = {"H": 4, "T": 0, "slowmo": {"beta": 0.5, "alpha": 1.0}}
-    full, _ = run_virtual(2, 6, block, spe=6)
-    part, _ = run_virtual(2, 3, block, spe=6)
+    full, _ = run_virtual(2, 6, block, spe=6, variant="deep")
+    part, _ = run_virtual(2, 3, block, spe=6, variant="deep")
     part.save_checkpoint(str(tmp_path), tag="mid", client_state={"epoch": 1})
-    stacked = stack_replicas(make_model(5), 2)  # other weights: everything must come from the checkpoint
+    stacked = stack_replicas(make_model(5, "deep"), 2)  # other weights: all must come from the checkpoint
     fresh = VirtualWorkers(
         stacked, LocalSGDConfig.from_dict(block), make_optimizer(stacked.net), steps_per_epoch=6
     )
@@ -162,10 +198,14 @@ def test_stacked_batches_pad_uneven_validation_shares():
     [
         (3, 7, 2, 3, 1, 16, True, "loop"),  # a stem on RGB images: one convolution per replica
         (8, 3, 1, 1, 1, 8, False, "grouped"),  # 64 output positions: the grouped convolution
-        (8, 3, 1, 1, 1, 1, True, "bmm"),  # a 1x1 map: unfold + one batched matrix product
-        (8, 3, 2, 1, 1, 4, False, "bmm"),  # stride 2 down to 2x2
-        (8, 3, 1, 2, 2, 2, True, "bmm"),  # dilated
-        (8, (3, 1), (1, 2), (1, 0), 1, (2, 3), True, "bmm"),  # rectangular kernel, map and stride
+        (8, 3, 1, 1, 1, 1, True, "taps"),  # a 1x1 map: the centre tap only, the others' gradients zero
+        (8, 3, 1, 1, 1, 2, False, "taps"),  # a 2x2 map: every tap, each on its own rectangle
+        (8, 3, 2, 1, 1, 4, False, "taps"),  # stride 2 down to 2x2
+        (8, 3, 2, 1, 1, 2, True, "taps"),  # 2x2 down to 1x1: the 4 taps of the lower right
+        (8, 3, 1, 2, 2, 2, True, "taps"),  # dilated
+        (8, (3, 1), (1, 2), (1, 0), 1, (2, 3), True, "taps"),  # rectangular kernel, map and stride
+        (8, 1, 2, 0, 1, 16, False, "taps"),  # a 1x1 kernel, stride 2, on 64 output positions
+        (8, 1, 1, 0, 1, 14, True, "grouped"),  # a 1x1 kernel on 196
         (8, 3, 1, 1, 1, 4, False, "grouped"),  # 16 positions
     ],
 )
@@ -181,23 +221,25 @@ def test_stacked_convolution_paths_equal_k_separate_convolutions(
     size = hw if isinstance(hw, tuple) else (hw, hw)
     convs = [torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias) for _ in range(K)]
     stacked = StackedConv2d(convs[0], K)
-    with torch.no_grad():  # replica r gets conv r's weights
-        stacked.weight.copy_(torch.cat([c.weight for c in convs]))
-        if bias:
-            stacked.bias.copy_(torch.cat([c.bias for c in convs]))
+    wide = {"weight": torch.cat([c.weight for c in convs]).detach()}  # replica r gets conv r's weights
+    if bias:
+        wide["bias"] = torch.cat([c.bias for c in convs]).detach()
+    stacked.load_state_dict(wide)  # in the usual layout, whatever the one it is held in
+    assert all(torch.equal(t, wide[k]) for k, t in stacked.state_dict().items())
     xs = [torch.randn(B, cin, *size, requires_grad=True) for _ in range(K)]
-    wide = torch.cat([x.detach() for x in xs], 1).requires_grad_()
-    assert stacked.path(wide) == path
+    images = torch.cat([x.detach() for x in xs], 1).requires_grad_()
+    assert stacked.path(images) == path
     expected = torch.cat([c(x) for c, x in zip(convs, xs)], 1)
-    got = stacked(wide)
+    got = stacked(images)
     upstream = torch.randn_like(expected)
     expected.backward(upstream)
+    # NaNs where the weight's gradient will likely be allocated: a tap left unwritten shows
+    torch.full_like(stacked.weight, float("nan"))
     got.backward(upstream)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(
-        stacked.weight.grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5
-    )
-    torch.testing.assert_close(wide.grad, torch.cat([x.grad for x in xs], 1), atol=ATOL, rtol=1e-5)
+    grad = stacked.weight.grad.permute(0, 3, 1, 2) if stacked.ohwi else stacked.weight.grad
+    torch.testing.assert_close(grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(images.grad, torch.cat([x.grad for x in xs], 1), atol=ATOL, rtol=1e-5)
     if bias:
         torch.testing.assert_close(
             stacked.bias.grad, torch.cat([c.bias.grad for c in convs]), atol=ATOL, rtol=1e-5

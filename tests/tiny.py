@@ -54,7 +54,27 @@ class TiedNet(TinyNet):
         return self.fc(self.post(torch.relu(self.pre(x))))
 
 
-VARIANTS = {"plain": TinyNet, "extras": ExtrasNet, "tied": TiedNet}
+class DeepNet(TinyNet):
+    """Eight channels and convolutions on small maps: 6x6 -> 2x2 (stride 3), 1x1 on 2x2, 3x3 on the pooled 1x1
+    map (whose centre tap alone touches the image). Stacked on CPU, these weights are held OHWI and run tap
+    by tap (``StackedConv2d``'s "taps" path), which TinyNet's one 3-channel convolution never is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 8, 3, stride=3, padding=1)
+        self.point = nn.Conv2d(8, 8, 1)
+        self.top = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.point(self.down(x)))
+        return self.fc(self.top(x.mean(dim=(2, 3), keepdim=True)).flatten(1))
+
+
+VARIANTS = {"plain": TinyNet, "extras": ExtrasNet, "tied": TiedNet, "deep": DeepNet}
 
 
 def make_model(seed: int = 0, variant: str = "plain", rank: int = 0) -> TinyNet:
