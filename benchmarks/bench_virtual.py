@@ -62,7 +62,7 @@ def make_sides(name: str, K: int, B: int, size: int, device: torch.device):
     labels = torch.randint(0, classes, (K, B), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
-    stacked = stack_replicas(base, K).to(device)
+    stacked = stack_replicas(base, K, image_size=size).to(device)  # as the recipe stacks it
     opt_stacked = sgd(stacked.parameters())
 
     def virtual() -> None:

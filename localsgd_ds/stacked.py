@@ -60,7 +60,10 @@ class _TapConv(torch.autograd.Function):
     in]`` (a ``[K, out, in]`` view with a row stride of ``kh x kw x in``). So the products are exactly those
     that touch the image (no unfold, no multiplication by padding), each weight is read once per pass,
     and the weight's gradient is written once, tap by tap, zeros for the taps that never touch the image.
-    Activations go replica-major (``[K, channels, B, H, W]``) once each way.
+    Activations go replica-major (``[K, channels, B, H, W]``) once each way. With an ``owner`` (the
+    ``StackedConv2d`` whose parameter ``weight`` is), the weight's gradient is not returned to autograd
+    but written into ``owner.weight.grad``, its persistent ``gradient_buffer`` (added to it if a gradient
+    is there), so hooks on that parameter do not see it.
     ``taps``: ``(a, b, output rows, output columns, input rows, input columns)`` (``StackedConv2d.taps``),
     those whose output rectangle is the whole map first."""
 
@@ -82,11 +85,13 @@ class _TapConv(torch.autograd.Function):
         return total
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, K: int, taps, out_size) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, K: int, taps, out_size, owner=None
+    ) -> torch.Tensor:
         B, cin = x.shape[0], x.shape[1] // K
         xk = x.view(B, K, cin, *x.shape[2:]).permute(1, 2, 0, 3, 4).contiguous()  # [K, in, B, H, W]
         w5 = _per_replica(weight, K)
-        ctx.K, ctx.taps, ctx.x_shape = K, taps, x.shape
+        ctx.K, ctx.taps, ctx.x_shape, ctx.owner = K, taps, x.shape, owner
         ctx.save_for_backward(xk, weight)
         shape = torch.Size((K, w5.shape[1], B, *out_size))
         y = None
@@ -102,24 +107,35 @@ class _TapConv(torch.autograd.Function):
         B, w5 = grad.shape[0], _per_replica(weight, K)
         gk = grad.reshape(B, K, -1, *grad.shape[2:]).permute(1, 2, 0, 3, 4).contiguous()  # [K, out, B, H, W]
         grad_x = grad_weight = None
+        live = frozenset((a, b) for a, b, *_ in taps)
+        accumulate = into = None
         if ctx.needs_input_grad[1]:
-            grad_weight = weight.new_empty(weight.shape)
-            gw5 = grad_weight.view(K, -1, *weight.shape[1:])
-            live = {(a, b) for a, b, *_ in taps}
-            for a in range(weight.shape[1]):
-                for b in range(weight.shape[2]):
-                    if (a, b) not in live:  # a tap that never touches the image: its gradient is zero
-                        gw5[:, :, a, b].zero_()
+            if ctx.owner is None:  # the gradient goes to autograd: every tap written, dead ones as zeros
+                into = grad_weight = weight.new_empty(weight.shape)
+                dead = [(a, b) for a in range(weight.shape[1]) for b in range(weight.shape[2])]
+                for a, b in set(dead) - live:
+                    into.view(K, -1, *weight.shape[1:])[:, :, a, b].zero_()
+            elif ctx.owner.weight.grad is None:  # straight into the owner's persistent .grad
+                into = ctx.owner.gradient_buffer(live)
+            else:  # a later micro-batch, or zero_grad(set_to_none=False): add to what is there
+                into, accumulate = ctx.owner.weight.grad, True
+            per_tap = into.view(K, -1, *weight.shape[1:])
         for a, b, out_rows, out_cols, in_rows, in_cols in taps:
             g = _TapConv._rect(gk, out_rows, out_cols)  # [K, out, B x n]
-            if grad_weight is not None:
-                torch.bmm(g, _TapConv._rect(xk, in_rows, in_cols).transpose(1, 2), out=gw5[:, :, a, b])
+            if into is not None:
+                x_t = _TapConv._rect(xk, in_rows, in_cols).transpose(1, 2)
+                if accumulate:
+                    per_tap[:, :, a, b].baddbmm_(g, x_t)
+                else:
+                    torch.bmm(g, x_t, out=per_tap[:, :, a, b])
             if ctx.needs_input_grad[0]:
                 part = torch.bmm(w5[:, :, a, b].transpose(1, 2), g)  # [K, in, B x n]
                 grad_x = _TapConv._accumulate(grad_x, part, in_rows, in_cols, xk.shape)
+        if into is not None and ctx.owner is not None and ctx.owner.weight.grad is None:
+            ctx.owner.weight.grad = into
         if grad_x is not None:
             grad_x = grad_x.permute(2, 0, 1, 3, 4).reshape(ctx.x_shape)
-        return grad_x, grad_weight, None, None, None
+        return grad_x, grad_weight, None, None, None, None
 
 
 class StackedConv2d(nn.Conv2d):
@@ -130,19 +146,24 @@ class StackedConv2d(nn.Conv2d):
 
     - ``"loop"``: the stem, whose replicas see 3 channels each (grouped: 2-3x one model's time at 112 px):
       one ordinary convolution per replica on its own channels, concatenated.
-    - ``"taps"``: the deep layers on small images, many channels over a map of at most 4 positions, and
-      1x1 kernels on at most 64: one batched matrix product per kernel tap that touches the image
-      (``_TapConv``), from the weight held OHWI (grouped: 2-10x slower; at 16 positions a 3x3 kernel is
-      faster grouped, and so is a 1x1 kernel at 196).
+    - ``"taps"``: one batched matrix product per kernel tap that touches the image (``_TapConv``), from
+      the weight held OHWI, where that measured faster than grouped (ResNet-18 layers at 32 and 112 px):
+      maps of at most 4 output positions (grouped: 1.5-10x slower), 1x1 kernels on at most 64 positions
+      or, strided, 196 (grouped 1.6-2x slower; unstrided on 196 grouped is 1.4x faster), and weights of
+      at least 2^20 elements per replica (layer 4 of ResNet-18 on 4x4 to 7x7 maps: grouped 1.1-1.5x
+      slower; on layer 3's 256 x 256 x 3 x 3 grouped is 1.05-1.15x faster; on 16 positions of 128
+      channels, 1.4x).
     - ``"grouped"``: everything else, and everything on a GPU (where the other paths are not measured).
 
     Every path is the same arithmetic up to the order of the sums."""
 
     TAPS_MAX_POSITIONS = 4
     TAPS_MAX_POSITIONS_1X1 = 64
+    TAPS_MAX_POSITIONS_1X1_STRIDED = 196
+    TAPS_MIN_WEIGHT = 2**20
     LOOP_MAX_CHANNELS = 4
 
-    def __init__(self, conv: nn.Conv2d, K: int) -> None:
+    def __init__(self, conv: nn.Conv2d, K: int, input_size: tuple[int, int] | None = None) -> None:
         if conv.padding_mode != "zeros":
             raise ConfigError(
                 f"virtual workers: Conv2d with padding_mode={conv.padding_mode!r} is not supported"
@@ -166,15 +187,16 @@ class StackedConv2d(nn.Conv2d):
             self.weight.copy_(conv.weight.repeat(K, 1, 1, 1))
             if conv.bias is not None:
                 self.bias.copy_(conv.bias.repeat(K))
-        # On CPU the weight is held OHWI, [K x out, kh, kw, in] (still replica-major and contiguous, as the
-        # fused optimizer needs): the "taps" path reads each tap in place; the grouped path takes a copy in
-        # the usual layout (its layers have small weights: the large ones sit on small maps). State dicts
-        # keep the usual [K x out, in, kh, kw] layout either way.
+        # Where it takes the "taps" path (on CPU; at input_size when given, else wherever it may), the weight
+        # is held OHWI, [K x out, kh, kw, in] (still replica-major and contiguous, as the fused optimizer
+        # needs), so each tap is read in place; any other path takes a copy in the usual layout. State
+        # dicts keep the usual [K x out, in, kh, kw] layout either way.
+        device = self.weight.device.type
         self.ohwi = (
-            self.weight.device.type == "cpu"
-            and conv.groups == 1
-            and conv.in_channels > self.LOOP_MAX_CHANNELS
+            self._path(device, input_size) == "taps" if input_size else self._path(device, (1, 1)) != "loop"
         )
+        self._grad_buffer: torch.Tensor | None = None  # see gradient_buffer
+        self._grad_taps: frozenset[tuple[int, int]] = frozenset()
         if self.ohwi:
             self.weight = nn.Parameter(self.weight.detach().permute(0, 2, 3, 1).contiguous())
 
@@ -182,6 +204,26 @@ class StackedConv2d(nn.Conv2d):
     def conv_weight(self) -> torch.Tensor:
         """The weight as a grouped convolution takes it, ``[K x out, in, kh, kw]`` (a view)."""
         return self.weight.permute(0, 3, 1, 2) if self.ohwi else self.weight
+
+    def gradient_buffer(self, live: frozenset[tuple[int, int]]) -> torch.Tensor:
+        """The tensor the "taps" path makes the weight's ``.grad``, kept from step to step (with the weight
+        OHWI): a fresh gradient of K times a layer 4 weight is a fresh mapping of 151 MB, zeroed by the
+        kernel page by page and then again, 8 taps in 9, by its dead taps. Here the taps that never touch
+        the image (not in ``live``) hold zeros written once; only the live ones are written each step.
+        Clipping, averaging and ``zero_grad`` act on it in place, which keeps those zeros."""
+        buf, weight = self._grad_buffer, self.weight
+        if (
+            buf is None
+            or buf.shape != weight.shape
+            or buf.device != weight.device
+            or buf.dtype != weight.dtype
+        ):
+            buf, self._grad_taps = torch.zeros_like(weight), frozenset()
+        per_tap = buf.view(self.K, -1, *buf.shape[1:])
+        for a, b in self._grad_taps - live:  # live before, dead at this input size
+            per_tap[:, :, a, b].zero_()
+        self._grad_buffer, self._grad_taps = buf, live
+        return buf
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -194,10 +236,11 @@ class StackedConv2d(nn.Conv2d):
             state_dict[prefix + "weight"] = weight.permute(0, 2, 3, 1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _out_size(self, x: torch.Tensor) -> tuple[int, int]:
+    def _out_size(self, x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+        size = x.shape[-2:] if isinstance(x, torch.Tensor) else x
         return tuple(  # type: ignore[return-value]
             (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
+            for n, p, d, k, s in zip(size, self.padding, self.dilation, self.kernel_size, self.stride)
         )
 
     def taps(self, x: torch.Tensor) -> list[tuple[int, int, slice, slice, slice, slice]]:
@@ -226,13 +269,21 @@ class StackedConv2d(nn.Conv2d):
 
     def path(self, x: torch.Tensor) -> str:
         """``"loop"``, ``"taps"`` or ``"grouped"``: how input ``x`` is convolved (see the class)."""
-        if x.device.type != "cpu" or self.replica_groups != 1:
+        return self._path(x.device.type, x.shape[-2:])
+
+    def _path(self, device_type: str, size: tuple[int, int]) -> str:
+        if device_type != "cpu" or self.replica_groups != 1:
             return "grouped"
         if self.in_channels // self.K <= self.LOOP_MAX_CHANNELS:
             return "loop"
-        height, width = self._out_size(x)
-        limit = self.TAPS_MAX_POSITIONS_1X1 if tuple(self.kernel_size) == (1, 1) else self.TAPS_MAX_POSITIONS
-        return "taps" if height * width <= limit else "grouped"
+        height, width = self._out_size(size)
+        positions, limit = height * width, self.TAPS_MAX_POSITIONS
+        if tuple(self.kernel_size) == (1, 1):
+            strided = max(self.stride) > 1
+            limit = self.TAPS_MAX_POSITIONS_1X1_STRIDED if strided else self.TAPS_MAX_POSITIONS_1X1
+        if positions <= limit or self.weight.numel() // self.K >= self.TAPS_MIN_WEIGHT:
+            return "taps"
+        return "grouped"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.path(x)
@@ -255,7 +306,7 @@ class StackedConv2d(nn.Conv2d):
                 dim=1,
             )
         weight = self.weight if self.ohwi else self.weight.permute(0, 2, 3, 1)
-        y = _TapConv.apply(x, weight, self.K, self.taps(x), self._out_size(x))
+        y = _TapConv.apply(x, weight, self.K, self.taps(x), self._out_size(x), self if self.ohwi else None)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
@@ -279,11 +330,11 @@ def _stack_bn(bn: nn.BatchNorm2d, K: int) -> nn.BatchNorm2d:
     return out
 
 
-def _stack_children(module: nn.Module, K: int, path: str) -> None:
+def _stack_children(module: nn.Module, K: int, path: str, sizes: dict[nn.Module, tuple[int, int]]) -> None:
     for name, child in module.named_children():
         where = f"{path}.{name}" if path else name
         if type(child) is nn.Conv2d:
-            setattr(module, name, StackedConv2d(child, K))
+            setattr(module, name, StackedConv2d(child, K, sizes.get(child)))
         elif type(child) is nn.BatchNorm2d:
             setattr(module, name, _stack_bn(child, K))
         elif type(child) is nn.Linear:
@@ -294,13 +345,37 @@ def _stack_children(module: nn.Module, K: int, path: str) -> None:
                     f"virtual workers: module {where!r} ({type(child).__name__}) holds its own parameters or "
                     "buffers; only Conv2d, BatchNorm2d and Linear can be stacked into K replicas"
                 )
-            _stack_children(child, K, where)
+            _stack_children(child, K, where, sizes)
+
+
+@torch.no_grad()
+def _conv_input_sizes(model: nn.Module, image_size: int) -> dict[nn.Module, tuple[int, int]]:
+    """The map size each ``Conv2d`` of ``model`` sees on a square image of ``image_size`` pixels (one image
+    of zeros through ``model`` in eval mode, its own mode restored; the first convolution's channels)."""
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    if not convs:
+        return {}
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        sizes.setdefault(module, tuple(args[0].shape[-2:]))
+
+    hooks = [c.register_forward_pre_hook(record) for c in convs]
+    training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, convs[0].in_channels, image_size, image_size, device=convs[0].weight.device))
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    return sizes
 
 
 class StackedReplicas(nn.Module):
     """The wide network: input ``[K, B, C, H, W]``, output ``[K, B, ...]`` (replica r's logits at r)."""
 
-    def __init__(self, model: nn.Module, K: int) -> None:
+    def __init__(self, model: nn.Module, K: int, image_size: int | None = None) -> None:
         super().__init__()
         storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
         if len(set(storages)) != len(storages):
@@ -310,7 +385,8 @@ class StackedReplicas(nn.Module):
         self.K = K
         self._shapes = {name: t.shape for name, t in model.state_dict().items()}
         self.net = copy.deepcopy(model)
-        _stack_children(self.net, K, "")
+        sizes = _conv_input_sizes(self.net, image_size) if image_size else {}
+        _stack_children(self.net, K, "", sizes)
 
     def replica_state_dict(self, r: int) -> dict[str, torch.Tensor]:
         """Replica ``r``'s weights and buffers as a state dict of the original network (for evaluation with
@@ -330,11 +406,13 @@ class StackedReplicas(nn.Module):
         return y.reshape(B, K, -1).transpose(0, 1)
 
 
-def stack_replicas(model: nn.Module, K: int) -> StackedReplicas:
-    """K identical replicas of ``model`` (its current weights and buffers) as one wide network."""
+def stack_replicas(model: nn.Module, K: int, *, image_size: int | None = None) -> StackedReplicas:
+    """K identical replicas of ``model`` (its current weights and buffers) as one wide network. With the
+    ``image_size`` it will train on, each convolution holds its weight in the layout of the path it will
+    take at that size (``StackedConv2d``); without, every one that may take the "taps" path holds it OHWI."""
     if K < 1:
         raise ConfigError(f"virtual workers: K must be >= 1, got {K}")
-    return StackedReplicas(model, K)
+    return StackedReplicas(model, K, image_size)
 
 
 def replica_view(t: torch.Tensor, K: int) -> torch.Tensor:

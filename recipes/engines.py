@@ -32,7 +32,8 @@ def build_virtual(run: RunConfig, num_classes: int, steps_per_epoch: int, K: int
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stacked = stack_replicas(model.to(device), K).to(device)  # stacked where it runs: its layout is per device
+    # stacked where it runs, for the images it trains on: the weights' layout follows (stacked.py)
+    stacked = stack_replicas(model.to(device), K, image_size=cfg.data.image_size).to(device)
     optimizer = virtual.build_optimizer(ds["optimizer"], stacked.parameters())
     lr_scheduler = lr_schedule_factory(run, steps_per_epoch)(optimizer)
     workers = virtual.VirtualWorkers(

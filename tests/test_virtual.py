@@ -246,6 +246,64 @@ def test_stacked_convolution_paths_equal_k_separate_convolutions(
         )
 
 
+def test_taps_gradient_buffer_keeps_dead_taps_zero_and_accumulates():
+    """The "taps" path writes the weight's gradient into a buffer kept from step to step: after a step on a
+    2x2 map (every tap live) a step on a 1x1 map (the centre alone) still gives zeros at the other taps,
+    and a second backward without zero_grad adds (gradient accumulation)."""
+    from localsgd_ds.stacked import StackedConv2d
+
+    torch.manual_seed(0)
+    K, cin, cout = 3, 8, 5
+    convs = [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False) for _ in range(K)]
+    stacked = StackedConv2d(convs[0], K)
+    stacked.load_state_dict({"weight": torch.cat([c.weight for c in convs]).detach()})
+    assert stacked.ohwi
+    for hw in (2, 1, 1):
+        xs = [torch.randn(2, cin, hw, hw) for _ in range(K)]
+        stacked(torch.cat(xs, 1)).square().sum().backward()
+        sum(c(x).square().sum() for c, x in zip(convs, xs)).backward()
+        grad = stacked.weight.grad.permute(0, 3, 1, 2)
+        torch.testing.assert_close(grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5)
+        if hw == 2:  # as zero_grad(set_to_none=True) does; the buffer keeps the 2x2 step's values
+            stacked.weight.grad = None
+            for c in convs:
+                c.weight.grad = None
+    assert stacked.weight.grad is stacked.gradient_buffer(frozenset({(1, 1)}))
+
+
+def test_image_size_puts_ohwi_only_where_taps_run():
+    """Stacked for 8 px images, ResNet-8's last stage (2x2 maps) and its strided 1x1 convolutions take the
+    "taps" path and hold their weights OHWI; the 8x8 and 4x4 3x3 convolutions run grouped, in the usual
+    layout; without the image size every convolution past the stem is OHWI."""
+    from localsgd_ds.models import ResNet8
+    from localsgd_ds.stacked import StackedConv2d
+
+    def ohwi(image_size):
+        stacked = stack_replicas(ResNet8(num_classes=3), 2, image_size=image_size)
+        return sorted(n for n, m in stacked.net.named_modules() if isinstance(m, StackedConv2d) and m.ohwi)
+
+    assert ohwi(8) == [
+        "blocks.1.downsample.0", "blocks.2.conv1", "blocks.2.conv2", "blocks.2.downsample.0"
+    ]  # fmt: skip
+    assert len(ohwi(None)) == 8 and "stem.0" not in ohwi(None)
+
+
+def test_path_rules(monkeypatch):
+    """Which path a shape takes (the rules of StackedConv2d, measured on ResNet-18's layers)."""
+    from localsgd_ds.stacked import StackedConv2d
+
+    def path(cin, k, stride, hw, cout=8):
+        conv = StackedConv2d(torch.nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), 2)
+        return conv.path(torch.zeros(1, 2 * cin, hw, hw))
+
+    assert [path(3, 3, 1, 1), path(8, 3, 1, 2), path(8, 3, 1, 4)] == ["loop", "taps", "grouped"]
+    assert [path(8, 1, 1, 8), path(8, 1, 1, 9), path(8, 1, 2, 28), path(8, 1, 2, 29)] == [
+        "taps", "grouped", "taps", "grouped"
+    ]  # fmt: skip
+    monkeypatch.setattr(StackedConv2d, "TAPS_MIN_WEIGHT", 8 * 8 * 9)  # a large weight: taps on any map
+    assert [path(8, 3, 1, 16), path(8, 3, 1, 16, cout=7)] == ["taps", "grouped"]
+
+
 def test_prefer_huge_pages_cuts_the_page_faults_of_a_large_tensor():
     """A virtual run's gradients are K times the model's; with huge pages a fresh 151 MB tensor costs a few
     hundred page faults instead of one per 4 KiB page (36,904). In a fresh process each way; a value the
