@@ -61,7 +61,7 @@ class _TapConv(torch.autograd.Function):
     that touch the image (no unfold, no multiplication by padding), each weight is read once per pass,
     and the weight's gradient is written once, tap by tap, zeros for the taps that never touch the image.
     Activations go replica-major (``[K, channels, B, H, W]``) once each way. With an ``owner`` (the
-    ``StackedConv2d`` whose parameter ``weight`` is), the weight's gradient is not returned to autograd
+    ``StackedConv2d`` whose ``weight`` parameter this is), the weight's gradient is not returned to autograd
     but written into ``owner.weight.grad``, its persistent ``gradient_buffer`` (added to it if a gradient
     is there), so hooks on that parameter do not see it.
     ``taps``: ``(a, b, output rows, output columns, input rows, input columns)`` (``StackedConv2d.taps``),
@@ -108,12 +108,12 @@ class _TapConv(torch.autograd.Function):
         gk = grad.reshape(B, K, -1, *grad.shape[2:]).permute(1, 2, 0, 3, 4).contiguous()  # [K, out, B, H, W]
         grad_x = grad_weight = None
         live = frozenset((a, b) for a, b, *_ in taps)
-        accumulate = into = None
+        into, accumulate = None, False
         if ctx.needs_input_grad[1]:
             if ctx.owner is None:  # the gradient goes to autograd: every tap written, dead ones as zeros
                 into = grad_weight = weight.new_empty(weight.shape)
-                dead = [(a, b) for a in range(weight.shape[1]) for b in range(weight.shape[2])]
-                for a, b in set(dead) - live:
+                every = {(a, b) for a in range(weight.shape[1]) for b in range(weight.shape[2])}
+                for a, b in every - live:
                     into.view(K, -1, *weight.shape[1:])[:, :, a, b].zero_()
             elif ctx.owner.weight.grad is None:  # straight into the owner's persistent .grad
                 into = ctx.owner.gradient_buffer(live)

@@ -271,6 +271,28 @@ def test_taps_gradient_buffer_keeps_dead_taps_zero_and_accumulates():
     assert stacked.weight.grad is stacked.gradient_buffer(frozenset({(1, 1)}))
 
 
+def test_taps_on_a_weight_in_the_usual_layout():
+    """Stacked for 8x8 maps (grouped, usual layout), a convolution that meets a 1x1 map runs tap by tap on a
+    copy of its weight, and autograd gets the whole gradient, dead taps as zeros."""
+    from localsgd_ds.stacked import StackedConv2d
+
+    torch.manual_seed(0)
+    K, cin, cout = 3, 8, 5
+    convs = [torch.nn.Conv2d(cin, cout, 3, padding=1) for _ in range(K)]
+    stacked = StackedConv2d(convs[0], K, input_size=(8, 8))
+    stacked.load_state_dict(
+        {"weight": torch.cat([c.weight for c in convs]).detach(), "bias": torch.cat([c.bias for c in convs])}
+    )
+    xs = [torch.randn(2, cin, 1, 1) for _ in range(K)]
+    assert not stacked.ohwi and stacked.path(torch.cat(xs, 1)) == "taps"
+    torch.full_like(stacked.weight, float("nan"))  # NaNs where the gradient will likely be allocated
+    stacked(torch.cat(xs, 1)).square().sum().backward()
+    sum(c(x).square().sum() for c, x in zip(convs, xs)).backward()
+    torch.testing.assert_close(
+        stacked.weight.grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5
+    )
+
+
 def test_image_size_puts_ohwi_only_where_taps_run():
     """Stacked for 8 px images, ResNet-8's last stage (2x2 maps) and its strided 1x1 convolutions take the
     "taps" path and hold their weights OHWI; the 8x8 and 4x4 3x3 convolutions run grouped, in the usual
