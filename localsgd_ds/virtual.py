@@ -172,10 +172,11 @@ class VirtualWorkers(LocalSGDPeriods):
             found.update({name: tensors[i] for name, tensors in slow.items() if tensors})
             for name, t in found.items():
                 if isinstance(t, torch.Tensor) and t.dim() and t.shape != p.shape:
+                    where = names.get(id(p), f"parameter {i}")
                     raise ConfigError(
-                        f"{path}: {name} of {names.get(id(p), f'parameter {i}')} has shape {tuple(t.shape)}, the parameter "
-                        f"{tuple(p.shape)}; the checkpoint holds its tensors in another layout (written by an "
-                        "older localsgd-ds?): start this run afresh or resume it with the version that wrote it"
+                        f"{path}: {name} of {where} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}; "
+                        "the checkpoint holds its tensors in another layout (written by an older localsgd-ds?): "
+                        "start this run afresh or resume it with the version that wrote it"
                     )
 
     def backward(self, loss: torch.Tensor) -> None:
