@@ -50,6 +50,13 @@ def _per_replica(weight: torch.Tensor, K: int) -> torch.Tensor:
     return weight.contiguous().view(K, -1, *weight.shape[1:])
 
 
+def _zero_taps(weight: torch.Tensor, K: int, taps) -> None:
+    """Zero kernel taps ``(a, b)`` of an OHWI ``[K x out, kh, kw, in]`` tensor, in place."""
+    per_tap = weight.view(K, -1, *weight.shape[1:])
+    for a, b in taps:
+        per_tap[:, :, a, b].zero_()
+
+
 class _TapConv(torch.autograd.Function):
     """K convolutions on a small map as one batched matrix product per live kernel tap.
 
@@ -113,8 +120,7 @@ class _TapConv(torch.autograd.Function):
             if ctx.owner is None:  # the gradient goes to autograd: every tap written, dead ones as zeros
                 into = grad_weight = weight.new_empty(weight.shape)
                 every = {(a, b) for a in range(weight.shape[1]) for b in range(weight.shape[2])}
-                for a, b in every - live:
-                    into.view(K, -1, *weight.shape[1:])[:, :, a, b].zero_()
+                _zero_taps(into, K, every - live)
             elif ctx.owner.weight.grad is None:  # straight into the owner's persistent .grad
                 into = ctx.owner.gradient_buffer(live)
             else:  # a later micro-batch, or zero_grad(set_to_none=False): add to what is there
@@ -192,9 +198,7 @@ class StackedConv2d(nn.Conv2d):
         # needs), so each tap is read in place; any other path takes a copy in the usual layout. State
         # dicts keep the usual [K x out, in, kh, kw] layout either way.
         device = self.weight.device.type
-        self.ohwi = (
-            self._path(device, input_size) == "taps" if input_size else self._path(device, (1, 1)) != "loop"
-        )
+        self.ohwi = self._path(device, input_size or (1, 1)) == "taps"  # (1, 1): the smallest map
         self._grad_buffer: torch.Tensor | None = None  # see gradient_buffer
         self._grad_taps: frozenset[tuple[int, int]] = frozenset()
         if self.ohwi:
@@ -219,9 +223,7 @@ class StackedConv2d(nn.Conv2d):
             or buf.dtype != weight.dtype
         ):
             buf, self._grad_taps = torch.zeros_like(weight), frozenset()
-        per_tap = buf.view(self.K, -1, *buf.shape[1:])
-        for a, b in self._grad_taps - live:  # live before, dead at this input size
-            per_tap[:, :, a, b].zero_()
+        _zero_taps(buf, self.K, self._grad_taps - live)  # live before, dead at this input size
         self._grad_buffer, self._grad_taps = buf, live
         return buf
 
@@ -247,9 +249,9 @@ class StackedConv2d(nn.Conv2d):
         """The kernel taps that touch input ``x`` at some output position, each as ``(a, b, output rows,
         output columns, input rows, input columns)``: tap (a, b) multiplies the input rectangle into the
         output rectangle (``_TapConv``). A 3x3 convolution on a 1x1 map has one, its centre."""
-        spans = []
+        spans, out_size = [], self._out_size(x)
         for n, p, k, s, d, o in zip(
-            x.shape[-2:], self.padding, self.kernel_size, self.stride, self.dilation, self._out_size(x)
+            x.shape[-2:], self.padding, self.kernel_size, self.stride, self.dilation, out_size
         ):
             per_tap = {}
             for t in range(k):
@@ -264,7 +266,7 @@ class StackedConv2d(nn.Conv2d):
             for a, (out_rows, in_rows) in spans[0].items()
             for b, (out_cols, in_cols) in spans[1].items()
         ]
-        whole = (slice(0, self._out_size(x)[0]), slice(0, self._out_size(x)[1]))
+        whole = (slice(0, out_size[0]), slice(0, out_size[1]))
         return sorted(taps, key=lambda tap: (tap[2], tap[3]) != whole)  # whole-map taps first (stable)
 
     def path(self, x: torch.Tensor) -> str:
