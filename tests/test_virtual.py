@@ -322,6 +322,8 @@ def test_path_rules(monkeypatch):
     assert [path(8, 1, 1, 8), path(8, 1, 1, 9), path(8, 1, 2, 28), path(8, 1, 2, 29)] == [
         "taps", "grouped", "taps", "grouped"
     ]  # fmt: skip
+    off_cpu = StackedConv2d(torch.nn.Conv2d(8, 8, 3, device="meta"), 2)  # as on a GPU: grouped, usual layout
+    assert off_cpu.path(torch.zeros(1, 16, 1, 1, device="meta")) == "grouped" and not off_cpu.ohwi
     monkeypatch.setattr(StackedConv2d, "TAPS_MIN_WEIGHT", 8 * 8 * 9)  # a large weight: taps on any map
     assert [path(8, 3, 1, 16), path(8, 3, 1, 16, cout=7)] == ["taps", "grouped"]
 
