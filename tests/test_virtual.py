@@ -193,6 +193,24 @@ def test_stacked_batches_pad_uneven_validation_shares():
         list(stacked_batches(shares))
 
 
+def stack_convs(convs, **kwargs):
+    """One StackedConv2d holding ``convs`` (replica r gets conv r's weights, loaded in the usual layout
+    whatever the one it is held in), and that state dict."""
+    from localsgd_ds.stacked import StackedConv2d
+
+    stacked = StackedConv2d(convs[0], len(convs), **kwargs)
+    wide = {"weight": torch.cat([c.weight for c in convs]).detach()}
+    if convs[0].bias is not None:
+        wide["bias"] = torch.cat([c.bias for c in convs]).detach()
+    stacked.load_state_dict(wide)
+    return stacked, wide
+
+
+def usual_layout_grad(stacked):
+    """The stacked weight's gradient as ``[K x out, in, kh, kw]``, whatever layout the weight is held in."""
+    return stacked.weight.grad.permute(0, 3, 1, 2) if stacked.ohwi else stacked.weight.grad
+
+
 @pytest.mark.parametrize(
     "cin, k, stride, padding, dilation, hw, bias, path",
     [
@@ -214,17 +232,11 @@ def test_stacked_convolution_paths_equal_k_separate_convolutions(
 ):
     """Every path of StackedConv2d (chosen by shape) gives each replica its own convolution: outputs, weight,
     bias and input gradients of K = 3 separate nn.Conv2d with different weights and inputs."""
-    from localsgd_ds.stacked import StackedConv2d
-
     torch.manual_seed(0)
     K, B, cout = 3, 2, 5
     size = hw if isinstance(hw, tuple) else (hw, hw)
     convs = [torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias) for _ in range(K)]
-    stacked = StackedConv2d(convs[0], K)
-    wide = {"weight": torch.cat([c.weight for c in convs]).detach()}  # replica r gets conv r's weights
-    if bias:
-        wide["bias"] = torch.cat([c.bias for c in convs]).detach()
-    stacked.load_state_dict(wide)  # in the usual layout, whatever the one it is held in
+    stacked, wide = stack_convs(convs)
     assert all(torch.equal(t, wide[k]) for k, t in stacked.state_dict().items())
     xs = [torch.randn(B, cin, *size, requires_grad=True) for _ in range(K)]
     images = torch.cat([x.detach() for x in xs], 1).requires_grad_()
@@ -237,8 +249,9 @@ def test_stacked_convolution_paths_equal_k_separate_convolutions(
     torch.full_like(stacked.weight, float("nan"))
     got.backward(upstream)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
-    grad = stacked.weight.grad.permute(0, 3, 1, 2) if stacked.ohwi else stacked.weight.grad
-    torch.testing.assert_close(grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(
+        usual_layout_grad(stacked), torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5
+    )
     torch.testing.assert_close(images.grad, torch.cat([x.grad for x in xs], 1), atol=ATOL, rtol=1e-5)
     if bias:
         torch.testing.assert_close(
@@ -250,20 +263,18 @@ def test_taps_gradient_buffer_keeps_dead_taps_zero_and_accumulates():
     """The "taps" path writes the weight's gradient into a buffer kept from step to step: after a step on a
     2x2 map (every tap live) a step on a 1x1 map (the centre alone) still gives zeros at the other taps,
     and a second backward without zero_grad adds (gradient accumulation)."""
-    from localsgd_ds.stacked import StackedConv2d
-
     torch.manual_seed(0)
     K, cin, cout = 3, 8, 5
     convs = [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False) for _ in range(K)]
-    stacked = StackedConv2d(convs[0], K)
-    stacked.load_state_dict({"weight": torch.cat([c.weight for c in convs]).detach()})
+    stacked, _ = stack_convs(convs)
     assert stacked.ohwi
     for hw in (2, 1, 1):
         xs = [torch.randn(2, cin, hw, hw) for _ in range(K)]
         stacked(torch.cat(xs, 1)).square().sum().backward()
         sum(c(x).square().sum() for c, x in zip(convs, xs)).backward()
-        grad = stacked.weight.grad.permute(0, 3, 1, 2)
-        torch.testing.assert_close(grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(
+            usual_layout_grad(stacked), torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5
+        )
         if hw == 2:  # as zero_grad(set_to_none=True) does; the buffer keeps the 2x2 step's values
             stacked.weight.grad = None
             for c in convs:
@@ -274,22 +285,17 @@ def test_taps_gradient_buffer_keeps_dead_taps_zero_and_accumulates():
 def test_taps_on_a_weight_in_the_usual_layout():
     """Stacked for 8x8 maps (grouped, usual layout), a convolution that meets a 1x1 map runs tap by tap on a
     copy of its weight, and autograd gets the whole gradient, dead taps as zeros."""
-    from localsgd_ds.stacked import StackedConv2d
-
     torch.manual_seed(0)
     K, cin, cout = 3, 8, 5
     convs = [torch.nn.Conv2d(cin, cout, 3, padding=1) for _ in range(K)]
-    stacked = StackedConv2d(convs[0], K, input_size=(8, 8))
-    stacked.load_state_dict(
-        {"weight": torch.cat([c.weight for c in convs]).detach(), "bias": torch.cat([c.bias for c in convs])}
-    )
+    stacked, _ = stack_convs(convs, input_size=(8, 8))
     xs = [torch.randn(2, cin, 1, 1) for _ in range(K)]
     assert not stacked.ohwi and stacked.path(torch.cat(xs, 1)) == "taps"
     torch.full_like(stacked.weight, float("nan"))  # NaNs where the gradient will likely be allocated
     stacked(torch.cat(xs, 1)).square().sum().backward()
     sum(c(x).square().sum() for c, x in zip(convs, xs)).backward()
     torch.testing.assert_close(
-        stacked.weight.grad, torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5
+        usual_layout_grad(stacked), torch.cat([c.weight.grad for c in convs]), atol=ATOL, rtol=1e-5
     )
 
 
